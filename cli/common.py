@@ -1,0 +1,63 @@
+"""Shared pieces of the thin click layer: one-line user errors and reusable option bundles."""
+from __future__ import annotations
+
+import functools
+
+import click
+
+from rtkit.engines.errors import RtkitError
+
+USER_ERRORS = (RtkitError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def user_errors(fn):
+    """Turn user errors into one line on stderr and exit code 1; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
+            raise click.ClickException(msg.splitlines()[0] if msg else type(e).__name__) from None
+
+    return wrapper
+
+
+def engine_options(fn):
+    """--engine, --checkpoint, --device, --backend, --precision: how a model is run."""
+    decorators = [
+        click.option("--engine", "-e", required=True,
+                     help="An .onnx or .plan engine (its .json beside it), a checkpoint with its .json, "
+                          "or a registered model name (see rt-export --list)."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False),
+                     help="Weights for a registered model name (official files accepted as published)."),
+        click.option("--device", default="cpu", show_default=True,
+                     help="cpu, cuda or cuda:N."),
+        click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+                     help="Force a runner; default: by file type (.onnx -> onnxruntime, .plan -> "
+                          "tensorrt, model name -> torch)."),
+        click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+                     show_default=True, help="Arithmetic precision of the torch runner."),
+    ]
+    for d in reversed(decorators):
+        fn = d(fn)
+    return fn
+
+
+def parse_extra(values: tuple[str, ...]) -> dict:
+    """KEY=VALUE pairs (runtime inputs such as CodeFormer w) with numbers parsed."""
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"expected KEY=VALUE, got {v!r}", param_hint="--set")
+        k, val = v.split("=", 1)
+        for cast in (int, float):
+            try:
+                out[k] = cast(val)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k] = val
+    return out

@@ -1,0 +1,106 @@
+"""rt-convert: convert a whole image tree through a translator engine."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rtkit.cli.common import engine_options, parse_extra, user_errors
+
+
+def _shard(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("expected i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"need 0 <= i < n, got {value}")
+    return i, n
+
+
+def _size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        raise click.BadParameter("expected N or WxH, e.g. 112 or 128x112") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[1], parts[0]  # WxH on the command line, (H, W) inside
+    raise click.BadParameter("expected N or WxH")
+
+
+EPILOG = """\b
+Pipeline: decode workers -> batcher -> runner -> encode workers, overlapped with bounded
+queues. OUT mirrors SRC (file extensions follow --format). The job manifest
+OUT/.rtkit/manifest.sqlite (manifest.shard-I-of-N.sqlite with --shard) has one row per
+source file: status (done/failed/skipped), error, output, sha256, engine.
+
+\b
+Resume: run the same command again. Finished files are not redone; a run killed at any
+moment leaves no partial file (outputs are written to .NAME.part and renamed).
+Corrupt, truncated, zero-byte and non-image files are recorded with their reason and
+skipped. --shard i/n splits the sorted file list so n processes/GPUs/machines share
+a dataset without coordination.
+
+\b
+Exit codes: 0 everything converted; 1 user error (bad path, engine, option);
+2 finished, but some files failed (see the summary and the manifest);
+3 stopped early because failures exceeded --max-failures.
+
+\b
+Examples:
+  rt-convert --engine render2photo.onnx sample/render out/
+  rt-convert --engine vsait.plan --device cuda --batch-size 256 digiface/ out/ --shard 0/4
+  rt-convert --engine codeformer_arcface112 --checkpoint codeformer.pth --set w=0.7 src/ out/
+"""
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"],
+                                                 "max_content_width": 100})
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@engine_options
+@click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp"]), default="png",
+              show_default=True, help="Output image format.")
+@click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="JPEG/WebP quality.")
+@click.option("--size", callback=_size, help="Output size N or WxH (default: the source size). "
+              "Images are resized to the engine's input size by the engine's resize policy and back.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--decode-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="CPU threads decoding and preprocessing.")
+@click.option("--encode-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="CPU threads postprocessing, encoding and writing.")
+@click.option("--infer-workers", type=click.IntRange(min=1), help="Threads calling the runner "
+              "concurrently (default: one per core for an ONNX engine on CPU, else 1).")
+@click.option("--runner-threads", type=click.IntRange(min=1), help="Intra-op threads of the ONNX "
+              "Runtime CPU runner (default: all cores).")
+@click.option("--shard", callback=_shard, metavar="I/N", help="Convert only shard I of N (0-based).")
+@click.option("--max-failures", type=click.IntRange(min=0),
+              help="Stop (exit 3) once more files than this have failed in this run.")
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Runtime input of the engine, e.g. w=0.7 for CodeFormer (repeatable).")
+@click.option("--retry-failed", is_flag=True, help="Try files that failed in earlier runs again.")
+@click.option("--restart", is_flag=True, help="Accept changed settings and convert everything again.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@user_errors
+def main(src, out, engine, checkpoint, device, backend, precision, fmt, quality, size, batch_size,
+         decode_workers, encode_workers, infer_workers, runner_threads, shard, max_failures, extra, retry_failed,
+         restart, quiet):
+    """Convert every image under SRC through a translator ENGINE into OUT."""
+    from rtkit.runtime.converter import convert
+
+    summary = convert(engine, src, out, device=device, backend=backend, checkpoint=checkpoint,
+                      precision=precision, extra=parse_extra(extra), runner_threads=runner_threads,
+                      infer_workers=infer_workers,
+                      fmt=fmt, quality=quality, size=size, batch_size=batch_size,
+                      decode_workers=decode_workers, encode_workers=encode_workers, shard=shard,
+                      max_failures=max_failures, retry_failed=retry_failed, restart=restart,
+                      progress=not quiet)
+    click.echo(summary.table())
+    sys.exit(summary.exit_code)

@@ -1,0 +1,88 @@
+"""Image sources: walking a dataset tree and decoding images on CPU threads.
+
+Decoding validates the container as well as the pixels: OpenCV returns a grey-filled image for
+a truncated JPEG, so a file is only accepted when its format's end marker is present.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+class DecodeError(Exception):
+    """An input file that is not a decodable image; the message is the reason recorded."""
+
+
+def walk_files(src: str | Path, exclude: Path | None = None) -> tuple[list[str], list[str]]:
+    """Sorted relative paths (posix) under ``src``: (images, other files).
+
+    Hidden files and folders (names starting with '.') are not part of a dataset and are
+    skipped, as is ``exclude`` (an output folder placed inside the source).
+    """
+    src = Path(src)
+    excl = os.path.realpath(exclude) if exclude is not None else None
+    images, others = [], []
+    stack = [src]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=True):
+                    if excl is not None and os.path.realpath(e.path) == excl:
+                        continue
+                    stack.append(Path(e.path))
+                elif e.is_file(follow_symlinks=True):
+                    rel = Path(e.path).relative_to(src).as_posix()
+                    (images if e.name.lower().endswith(IMAGE_EXTENSIONS) else others).append(rel)
+    images.sort()
+    others.sort()
+    return images, others
+
+
+def _check_container(data: bytes, suffix: str) -> None:
+    if data.startswith(_PNG_SIG):
+        if _PNG_END not in data[-64:]:
+            raise DecodeError("truncated PNG (no IEND chunk)")
+    elif data[:3] == b"\xff\xd8\xff":
+        if b"\xff\xd9" not in data[-1024:]:
+            raise DecodeError("truncated JPEG (no end-of-image marker)")
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        declared = int.from_bytes(data[4:8], "little") + 8
+        if len(data) < declared:
+            raise DecodeError(f"truncated WebP ({len(data)} of {declared} bytes)")
+    elif data[:2] == b"BM":
+        declared = int.from_bytes(data[2:6], "little")
+        if len(data) < declared:
+            raise DecodeError(f"truncated BMP ({len(data)} of {declared} bytes)")
+    else:
+        raise DecodeError(f"not an image (unknown file signature for {suffix or 'no extension'})")
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB, or raise DecodeError with the reason."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DecodeError(f"unreadable: {e.strerror or e}") from None
+    return decode_bytes(data, path.suffix.lower())
+
+
+def decode_bytes(data: bytes, suffix: str = "") -> np.ndarray:
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    _check_container(data, suffix)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        raise DecodeError("corrupt image data (decoder failed)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
