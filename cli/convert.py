@@ -87,11 +87,13 @@ Examples:
               help="Runtime input of the engine, e.g. w=0.7 for CodeFormer (repeatable).")
 @click.option("--retry-failed", is_flag=True, help="Try files that failed in earlier runs again.")
 @click.option("--restart", is_flag=True, help="Accept changed settings and convert everything again.")
+@click.option("--sheet", type=click.Path(dir_okay=False), help="Also write a before/after contact "
+              "sheet PNG of converted images.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def main(src, out, engine, checkpoint, device, backend, precision, fmt, quality, size, batch_size,
          decode_workers, encode_workers, infer_workers, runner_threads, shard, max_failures, extra, retry_failed,
-         restart, quiet):
+         restart, sheet, quiet):
     """Convert every image under SRC through a translator ENGINE into OUT."""
     from rtkit.runtime.converter import convert
 
@@ -103,4 +105,10 @@ def main(src, out, engine, checkpoint, device, backend, precision, fmt, quality,
                       max_failures=max_failures, retry_failed=retry_failed, restart=restart,
                       progress=not quiet)
     click.echo(summary.table())
+    if sheet and summary.converted + summary.already_done + summary.adopted:
+        from rtkit.runtime.contact_sheet import sheet_from_manifest
+        from rtkit.runtime.manifest import Manifest
+
+        with Manifest(summary.manifest) as man:
+            click.echo(f"contact sheet: {sheet_from_manifest(src, out, man, sheet)}")
     sys.exit(summary.exit_code)

@@ -153,5 +153,7 @@ class Manifest:
                 "UPDATE files SET status='failed', error=?, run=?, updated=? WHERE relpath=?",
                 [(e, self.run_id, now, r) for r, e in failed])
             self.db.executemany(
-                "UPDATE files SET status='done', sha256=?, error=NULL, updated=? WHERE relpath=?",
+                # The killed run converted it; only its bookkeeping was lost.
+                "UPDATE files SET status='done', sha256=?, error=NULL, conversions=conversions+1, "
+                "updated=? WHERE relpath=?",
                 [(h, now, r) for r, h in adopted])

@@ -56,6 +56,7 @@ def _check_container(data: bytes, suffix: str) -> None:
     elif data[:3] == b"\xff\xd8\xff":
         if b"\xff\xd9" not in data[-1024:]:
             raise DecodeError("truncated JPEG (no end-of-image marker)")
+        _check_jpeg_headers(data)
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         declared = int.from_bytes(data[4:8], "little") + 8
         if len(data) < declared:
@@ -66,6 +67,32 @@ def _check_container(data: bytes, suffix: str) -> None:
             raise DecodeError(f"truncated BMP ({len(data)} of {declared} bytes)")
     else:
         raise DecodeError(f"not an image (unknown file signature for {suffix or 'no extension'})")
+
+
+def _check_jpeg_headers(data: bytes) -> None:
+    """Walk the marker segments up to start-of-scan: libjpeg 'decodes' garbage headers with a
+    warning only, so a frame header (SOF) and well-formed segments are required here."""
+    pos, n, has_frame = 2, len(data), False
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            raise DecodeError("corrupt JPEG (bad marker in header)")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: headers are complete
+            if not has_frame:
+                raise DecodeError("corrupt JPEG (no frame header before scan)")
+            return
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            raise DecodeError("corrupt JPEG (unexpected marker in header)")
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > n:
+            raise DecodeError("corrupt JPEG (bad segment length)")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            has_frame = True
+        pos += 2 + length
+    raise DecodeError("corrupt JPEG (no image data)")
 
 
 def decode_image(path: str | Path) -> np.ndarray:

@@ -1,0 +1,207 @@
+"""The streaming converter: outputs, resume after SIGKILL, bad inputs, sharding, CLI."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from rtkit.cli.convert import main as convert_cli
+from rtkit.engines import create
+from rtkit.export.metadata import EngineMeta, write_sidecar
+from rtkit.runtime import open_engine
+from rtkit.runtime.converter import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, convert, postprocess, preprocess
+from rtkit.runtime.manifest import Manifest, manifest_path
+from rtkit.runtime.sample import make_sample_dataset
+
+
+def _checkpoint(tmp: Path, name: str) -> Path:
+    """A seeded random checkpoint with its sidecar, so subprocesses open the same engine."""
+    torch.manual_seed(0)
+    model = create(name, pretrained=False)
+    path = tmp / f"{name}.safetensors"
+    save_file(model.state_dict(), str(path))
+    write_sidecar(path, EngineMeta(model=name, spec=model.spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "render"
+    make_sample_dataset(root, style="render", identities=6, per_identity=4, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory.mktemp("engine"), "render2photo_tiny")
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p.relative_to(out).as_posix(): p.read_bytes()
+            for p in sorted(out.rglob("*")) if p.is_file() and ".rtkit" not in p.parts}
+
+
+def test_converts_tree_mirrored_with_model_output(dataset, tiny_engine, tmp_path):
+    out = tmp_path / "out"
+    s = convert(tiny_engine, dataset, out, progress=False, batch_size=5)
+    assert s.exit_code == EXIT_OK and s.converted == 24 and s.failed == 0
+    files = _outputs(out)
+    src_files = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*.png"))
+    assert sorted(files) == src_files
+    # Each output is the engine applied to its source, not a copy.
+    rel = src_files[5]
+    rgb = cv2.cvtColor(cv2.imread(str(dataset / rel)), cv2.COLOR_BGR2RGB)
+    with open_engine(tiny_engine) as r:
+        expect = postprocess(r.infer(preprocess(rgb, r.spec)[None])[0], r.spec, rgb.shape[:2])
+    got = cv2.cvtColor(cv2.imread(str(out / rel)), cv2.COLOR_BGR2RGB)
+    assert np.array_equal(got, expect)
+    with Manifest(manifest_path(out)) as m:
+        rows = m.rows()
+    assert {r.status for r in rows} == {"done"} and all(r.conversions == 1 for r in rows)
+
+
+def test_second_run_redoes_nothing(dataset, tiny_engine, tmp_path):
+    out = tmp_path / "out"
+    convert(tiny_engine, dataset, out, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    s = convert(tiny_engine, dataset, out, progress=False)
+    assert s.converted == 0 and s.already_done == 24
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
+
+
+def test_output_format_and_size(dataset, tiny_engine, tmp_path):
+    out = tmp_path / "out"
+    s = convert(tiny_engine, dataset, out, progress=False, fmt="jpg", quality=80, size=(64, 96))
+    assert s.converted == 24
+    jpgs = sorted(out.rglob("*.jpg"))
+    assert len(jpgs) == 24 and not list(out.rglob("*.png"))
+    assert cv2.imread(str(jpgs[0])).shape == (64, 96, 3)
+
+
+def test_changed_settings_are_refused_then_restart(dataset, tiny_engine, tmp_path):
+    from rtkit.engines.errors import RtkitError
+
+    out = tmp_path / "out"
+    convert(tiny_engine, dataset, out, progress=False)
+    with pytest.raises(RtkitError, match="other settings"):
+        convert(tiny_engine, dataset, out, progress=False, fmt="webp")
+    s = convert(tiny_engine, dataset, out, progress=False, fmt="webp", restart=True)
+    assert s.converted == 24
+
+
+def _bad_tree(root: Path, dataset: Path) -> dict[str, str]:
+    import shutil
+    shutil.copytree(dataset, root)
+    good = (root / "0" / "0.png").read_bytes()
+    jpg = cv2.imencode(".jpg", cv2.imread(str(root / "0" / "1.png")))[1].tobytes()
+    (root / "bad").mkdir()
+    (root / "bad" / "zero.png").write_bytes(b"")
+    (root / "bad" / "trunc.png").write_bytes(good[: len(good) // 2])
+    (root / "bad" / "cut.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (root / "bad" / "text.png").write_text("this is not an image")
+    (root / "bad" / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(500) + b"\xff\xd9")
+    (root / "bad" / "notes.txt").write_text("labels")
+    return {"bad/zero.png": "empty", "bad/trunc.png": "truncated PNG", "bad/cut.jpg": "truncated JPEG",
+            "bad/text.png": "not an image", "bad/garbage.jpg": "corrupt"}
+
+
+def test_bad_files_recorded_and_skipped(dataset, tiny_engine, tmp_path):
+    src = tmp_path / "src"
+    bad = _bad_tree(src, dataset)
+    out = tmp_path / "out"
+    s = convert(tiny_engine, src, out, progress=False, batch_size=4)
+    assert s.converted == 24 and s.failed == len(bad) and s.skipped == 1
+    assert s.exit_code == EXIT_SOME_FAILED
+    table = s.table()
+    with Manifest(manifest_path(out)) as m:
+        rows = {r.relpath: r for r in m.rows()}
+    for rel, reason in bad.items():
+        assert rows[rel].status == "failed" and reason in rows[rel].error
+        assert rel in table
+    assert rows["bad/notes.txt"].status == "skipped"
+    assert not (out / "bad").exists() or not list((out / "bad").iterdir())
+
+
+def test_max_failures_stops_early(dataset, tiny_engine, tmp_path):
+    src = tmp_path / "src"
+    _bad_tree(src, dataset)
+    s = convert(tiny_engine, src, tmp_path / "out", progress=False, max_failures=1, decode_workers=1)
+    assert s.aborted and s.exit_code == EXIT_ABORTED
+
+
+def test_shards_partition_the_full_run(dataset, tiny_engine, tmp_path):
+    full = _outputs(_run(convert, tiny_engine, dataset, tmp_path / "full"))
+    union: dict[str, bytes] = {}
+    for i in range(3):
+        out = tmp_path / f"shard{i}"
+        convert(tiny_engine, dataset, out, progress=False, shard=(i, 3))
+        part = _outputs(out)
+        assert part and not set(part) & set(union)
+        union.update(part)
+        assert manifest_path(out, (i, 3)).is_file()
+    assert union == full
+
+
+def _run(fn, engine, src, out):
+    fn(engine, src, out, progress=False)
+    return out
+
+
+def test_sigkill_then_resume_is_exactly_once(tmp_path):
+    src = tmp_path / "src"
+    make_sample_dataset(src, style="render", identities=12, per_identity=8, seed=1)
+    engine = _checkpoint(tmp_path, "render2photo")
+    ref = tmp_path / "ref"
+    convert(engine, src, ref, progress=False, batch_size=4)
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "from rtkit.cli.convert import main; main()", "--engine", str(engine),
+           "-q", "--batch-size", "2", "--decode-workers", "1", "--encode-workers", "1", str(src), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.rglob("*.png"))) < 16:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = len(list(out.rglob("*.png")))
+    assert 16 <= written < 96, "the run must be killed mid-way"
+
+    res = subprocess.run(cmd, capture_output=True, env=env, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "converted" in res.stdout
+    assert _outputs(out) == _outputs(ref)
+    assert not list(out.rglob("*.part"))
+    db = sqlite3.connect(manifest_path(out))
+    assert db.execute("SELECT count(*), min(conversions), max(conversions) FROM files "
+                      "WHERE status='done'").fetchone() == (96, 1, 1)
+    runs = db.execute("SELECT state FROM runs ORDER BY id").fetchall()
+    assert runs[-1] == ("finished",) and len(runs) == 2
+
+
+def test_cli_help_and_user_errors(tmp_path, tiny_engine, dataset):
+    runner = CliRunner()
+    r = runner.invoke(convert_cli, ["--help"])
+    assert r.exit_code == 0
+    for word in ("--shard", "--max-failures", "manifest", "Resume", "Exit codes", "--format", "--size"):
+        assert word in r.output
+    r = runner.invoke(convert_cli, ["--engine", str(tmp_path / "missing.onnx"), str(dataset), str(tmp_path / "o")])
+    assert r.exit_code == 1 and "engine not found" in r.output and "Traceback" not in r.output
+    r = runner.invoke(convert_cli, ["--engine", "no_such_model", str(dataset), str(tmp_path / "o")])
+    assert r.exit_code == 1 and "registered model" in r.output
+    r = runner.invoke(convert_cli, ["--engine", str(tiny_engine), "-q", "--shard", "1/2", str(dataset),
+                                    str(tmp_path / "o2"), "--sheet", str(tmp_path / "sheet.png")])
+    assert r.exit_code == 0, r.output
+    assert "converted 12" in r.output and (tmp_path / "sheet.png").is_file()
