@@ -1,0 +1,375 @@
+"""IJB-C and IJB-B 1:1 template verification (insightface eval_ijbc.py conventions).
+
+Layout of a benchmark folder ROOT (as insightface distributes it; IJB-B files are ``ijbb_*``):
+
+    ROOT/meta/ijbc_face_tid_mid.txt         "image template_id media_id" per image
+    ROOT/meta/ijbc_template_pair_label.txt  "template1 template2 label" per pair (1 = same)
+    ROOT/meta/ijbc_name_5pts_score.txt      "image x1 y1 ... x5 y5 faceness" per image
+    ROOT/loose_crop/<image>
+
+Each image is aligned from its five landmarks to the ArcFace 112x112 template (least-squares
+similarity transform, bilinear warp, black border), embedded with its horizontal flip
+(features summed), optionally scaled by the detector's faceness score, and - unless
+``norm_weight`` is off - left unnormalised so its norm weights it. Images are averaged within
+each media (video or photo) of a template, media are summed, and the template vector is
+L2-normalised; a pair's score is the dot product. Like the official script, image and media
+features are aggregated in float32 and only the template vectors are float64.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from rtkit.eval.roc import FMR_TARGETS, evaluate_scores
+from rtkit.eval.verification import BenchmarkError, l2_normalize
+
+DATASETS = ("IJBC", "IJBB")
+
+# The ArcFace 112x112 template: insightface writes the 96x112 template and shifts x by 8 px in
+# float32; building it the same way keeps the last bit of every coordinate identical.
+_TEMPLATE_96 = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
+                         [33.5493, 92.3655], [62.7299, 92.2041]], dtype=np.float32)
+ARCFACE_TEMPLATE = _TEMPLATE_96 + np.array([8.0, 0.0], dtype=np.float32)
+ALIGNED_SIZE = 112
+
+EMBED_PIPELINE = "ijb-align5-arcface112-v1"  # part of the cache key: bump when alignment changes
+
+
+# -- meta files --------------------------------------------------------------------------------
+
+def meta_paths(root: str | Path, dataset: str = "IJBC") -> dict[str, Path]:
+    d = _check_dataset(dataset).lower()
+    meta = Path(root) / "meta"
+    return {"face_tid_mid": meta / f"{d}_face_tid_mid.txt",
+            "template_pairs": meta / f"{d}_template_pair_label.txt",
+            "landmarks": meta / f"{d}_name_5pts_score.txt"}
+
+
+def _check_dataset(dataset: str) -> str:
+    ds = dataset.upper().replace("-", "")
+    if ds not in DATASETS:
+        raise BenchmarkError(f"dataset must be IJBC or IJBB, got {dataset!r}")
+    return ds
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise BenchmarkError(f"missing IJB meta file {path} ({what}); expected ROOT/meta/ and "
+                             f"ROOT/loose_crop/ as insightface distributes the benchmark")
+    return path
+
+
+def _rows(path: Path, ncols: int, what: str) -> list[list[str]]:
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != ncols:
+                raise BenchmarkError(f"{path}:{n}: expected {ncols} fields ({what}), got "
+                                     f"{len(parts)}")
+            rows.append(parts)
+    if not rows:
+        raise BenchmarkError(f"{path} is empty")
+    return rows
+
+
+def read_face_tid_mid(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image names, template ids, media ids) from ``*_face_tid_mid.txt``."""
+    path = _need(Path(path), "image template_id media_id")
+    rows = _rows(path, 3, "image template_id media_id")
+    try:
+        tids = np.array([r[1] for r in rows], dtype=np.int64)
+        mids = np.array([r[2] for r in rows], dtype=np.int64)
+    except ValueError as e:
+        raise BenchmarkError(f"{path}: template and media ids must be integers ({e})") from None
+    return [r[0] for r in rows], tids, mids
+
+
+def read_template_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(template1, template2, label) from ``*_template_pair_label.txt`` (15.7 M lines for
+    IJB-C: parsed by numpy's C reader, not line by line)."""
+    path = _need(Path(path), "template1 template2 label")
+    try:
+        table = np.loadtxt(path, dtype=np.int64, ndmin=2)
+    except ValueError as e:
+        raise BenchmarkError(f"{path}: expected integer lines 'template1 template2 label' "
+                             f"({str(e).splitlines()[0]})") from None
+    if table.size == 0:
+        raise BenchmarkError(f"{path} is empty")
+    if table.shape[1] != 3:
+        raise BenchmarkError(f"{path}: expected 3 columns, got {table.shape[1]}")
+    labels = table[:, 2]
+    if not np.isin(labels, (0, 1)).all():
+        raise BenchmarkError(f"{path}: labels must be 0 or 1")
+    return table[:, 0].copy(), table[:, 1].copy(), labels.copy()
+
+
+def read_landmarks(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image names, landmarks (N, 5, 2) float32, faceness (N,) float32) from
+    ``*_name_5pts_score.txt``."""
+    path = _need(Path(path), "image x1 y1 ... x5 y5 faceness")
+    rows = _rows(path, 12, "image x1 y1 ... x5 y5 faceness")
+    try:
+        values = np.array([r[1:] for r in rows], dtype=np.float64).astype(np.float32)
+    except ValueError as e:
+        raise BenchmarkError(f"{path}: landmarks and score must be numbers ({e})") from None
+    return [r[0] for r in rows], values[:, :10].reshape(-1, 5, 2), values[:, 10].copy()
+
+
+@dataclass
+class IJBMeta:
+    root: Path
+    dataset: str
+    image_dir: Path
+    images: list[str]            # in the order of the landmark file
+    landmarks: np.ndarray        # (N, 5, 2) float32
+    faceness: np.ndarray         # (N,) float32
+    templates: np.ndarray        # (N,) template id of each image
+    medias: np.ndarray           # (N,) media id of each image
+    pair_t1: np.ndarray
+    pair_t2: np.ndarray
+    labels: np.ndarray
+    landmarks_sha256: str
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+
+def read_meta(root: str | Path, dataset: str = "IJBC") -> IJBMeta:
+    """Read and cross-check the three meta files of an IJB-C/IJB-B folder."""
+    dataset = _check_dataset(dataset)
+    root = Path(root)
+    if not root.is_dir():
+        raise BenchmarkError(f"IJB folder not found: {root}")
+    paths = meta_paths(root, dataset)
+    for key, what in (("face_tid_mid", "image template_id media_id"),
+                      ("template_pairs", "template1 template2 label"),
+                      ("landmarks", "image x1 y1 ... x5 y5 faceness")):
+        _need(paths[key], what)
+    image_dir = root / "loose_crop"
+    if not image_dir.is_dir():
+        raise BenchmarkError(f"missing IJB image folder {image_dir}")
+    names, landmarks, faceness = read_landmarks(paths["landmarks"])
+    tm_names, tids, mids = read_face_tid_mid(paths["face_tid_mid"])
+    if tm_names != names:
+        # The official script pairs the two files line by line; accept another order only
+        # when both list the same images.
+        index = {n: i for i, n in enumerate(tm_names)}
+        if len(index) != len(tm_names) or set(index) != set(names) or len(names) != len(tm_names):
+            raise BenchmarkError(f"{paths['face_tid_mid']} and {paths['landmarks']} do not list "
+                                 f"the same images")
+        order = np.array([index[n] for n in names])
+        tids, mids = tids[order], mids[order]
+    t1, t2, labels = read_template_pairs(paths["template_pairs"])
+    known = np.unique(tids)
+    for t in (t1, t2):
+        missing = ~np.isin(t, known)
+        if missing.any():
+            raise BenchmarkError(f"{paths['template_pairs']} names template "
+                                 f"{int(t[missing][0])}, which has no image in "
+                                 f"{paths['face_tid_mid']}")
+    sha = hashlib.sha256(paths["landmarks"].read_bytes()).hexdigest()
+    return IJBMeta(root, dataset, image_dir, names, landmarks, faceness, tids, mids, t1, t2,
+                   labels, sha)
+
+
+# -- alignment ---------------------------------------------------------------------------------
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """2x3 matrix of the least-squares similarity (rotation, uniform scale, translation)
+    mapping points ``src`` onto ``dst`` (Umeyama 1991), computed in float64."""
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    n, dim = src.shape
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s0, d0 = src - mu_s, dst - mu_d
+    cov = d0.T @ s0 / n
+    u, sing, vt = np.linalg.svd(cov)
+    sign = np.ones(dim)
+    if np.linalg.det(cov) < 0:
+        sign[-1] = -1.0  # a reflection fits better; take the best proper rotation instead
+    rank = np.linalg.matrix_rank(cov)
+    if rank == 0:
+        raise BenchmarkError("landmarks are degenerate (all points coincide)")
+    if rank == dim - 1 and np.linalg.det(u) * np.linalg.det(vt) <= 0:
+        d = sign.copy()
+        d[-1] = -1.0
+        rot = u @ np.diag(d) @ vt
+    else:
+        rot = u @ np.diag(sign) @ vt
+    scale = (sing @ sign) / s0.var(0).sum()
+    m = np.empty((2, 3))
+    m[:, :2] = scale * rot
+    m[:, 2] = mu_d - scale * (rot @ mu_s)
+    return m
+
+
+def align_face(bgr: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
+    """Warp a BGR image so its five landmarks land on the ArcFace template; returns RGB."""
+    m = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / ALIGNED_SIZE))
+    img = cv2.warpAffine(bgr, m, (size, size), borderValue=0.0)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def load_aligned(meta: IJBMeta, i: int) -> np.ndarray:
+    path = meta.image_dir / meta.images[i]
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise BenchmarkError(f"IJB image missing or unreadable: {path}")
+    return align_face(bgr, meta.landmarks[i])
+
+
+# -- features, templates, scores ---------------------------------------------------------------
+
+def image_features(views: np.ndarray, faceness: np.ndarray | None = None, *,
+                   norm_weight: bool = True, faceness_weight: bool = True) -> np.ndarray:
+    """(V, N, D) per-view embeddings -> (N, D) float32 image features.
+
+    Views are summed (flip fusion). ``norm_weight`` keeps the feature norm as the image's
+    weight in its template (insightface's default); off, features are unit vectors.
+    ``faceness_weight`` multiplies by the detector score.
+    """
+    views = np.asarray(views, dtype=np.float32)
+    feats = views[0] + views[1] if views.shape[0] == 2 else views.sum(axis=0, dtype=np.float32)
+    if not norm_weight:
+        feats = feats / np.sqrt(np.sum(feats ** 2, -1, keepdims=True))
+    if faceness_weight:
+        if faceness is None:
+            raise ValueError("faceness_weight needs the faceness scores")
+        feats = feats * np.asarray(faceness, dtype=np.float32)[:, np.newaxis]
+    return feats
+
+
+def _sequential_group_sum(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum the rows of each group in row order, in the dtype of ``values``.
+
+    Adds the k-th member of every group in step k, so the order of additions (and thus every
+    float32 rounding) is that of a plain loop over each group, while each step is vectorised.
+    """
+    order = np.argsort(group, kind="stable")
+    g = group[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
+    rank = np.arange(g.size) - np.repeat(starts, np.diff(np.r_[starts, g.size]))
+    by_rank = np.argsort(rank, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(rank))]
+    out = np.zeros((n_groups, values.shape[1]), dtype=values.dtype)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        sel = by_rank[lo:hi]          # the k-th member of each group that has one
+        out[g[sel]] += values[order[sel]]
+    return out
+
+
+def template_features(feats: np.ndarray, templates: np.ndarray,
+                      medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique template ids, (T, D) float64 unit template vectors).
+
+    Mean over the images of each media, sum over the media of a template, L2 norm. Sums run
+    in float32, images in file order and media in ascending id order, so the result equals the
+    official per-template loop bit for bit.
+    """
+    feats = np.asarray(feats, dtype=np.float32)
+    uniq_t, t_idx = np.unique(templates, return_inverse=True)
+    _, m_rank = np.unique(medias, return_inverse=True)
+    n_media_ids = int(m_rank.max()) + 1
+    group_key = t_idx.astype(np.int64) * n_media_ids + m_rank
+    groups, g_idx, g_count = np.unique(group_key, return_inverse=True, return_counts=True)
+    media_feat = _sequential_group_sum(feats, g_idx, groups.size)
+    # np.mean divides the float32 sum by an integer count in float64, then rounds to float32.
+    multi = np.flatnonzero(g_count > 1)
+    media_feat[multi] = media_feat[multi].astype(np.float64) / g_count[multi, None]
+    template_sum = _sequential_group_sum(media_feat, groups // n_media_ids, uniq_t.size)
+    return uniq_t, l2_normalize(template_sum)  # float64 from here on
+
+
+def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, t1: np.ndarray,
+                t2: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """Dot product of the template vectors of each pair (as ``sum(a * b)``, the official
+    arithmetic), in batches through reused buffers to bound memory."""
+    i1 = np.searchsorted(template_ids, t1)
+    i2 = np.searchsorted(template_ids, t2)
+    for i, t in ((i1, t1), (i2, t2)):
+        bad = (i >= template_ids.size) | (template_ids[np.minimum(i, template_ids.size - 1)] != t)
+        if bad.any():
+            raise BenchmarkError(f"pair list names template {int(t[bad][0])}, which has no images")
+    scores = np.empty(t1.size, dtype=np.float64)
+    a = np.empty((min(batch, t1.size), template_feats.shape[1]), dtype=template_feats.dtype)
+    b = np.empty_like(a)
+    for s in range(0, t1.size, batch):
+        e = min(s + batch, t1.size)
+        n = e - s
+        np.take(template_feats, i1[s:e], axis=0, out=a[:n])
+        np.take(template_feats, i2[s:e], axis=0, out=b[:n])
+        np.multiply(a[:n], b[:n], out=a[:n])
+        np.sum(a[:n], -1, out=scores[s:e])
+    return scores
+
+
+def evaluate_ijb_scores(labels, scores, targets=FMR_TARGETS):
+    """(result dict, ROC curve for plotting): TAR@FMR under both conventions, AUC, ROC grid."""
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() == labels.max():
+        raise BenchmarkError("the pair list needs both genuine (1) and impostor (0) pairs")
+    return evaluate_scores(labels, scores, targets, return_curve=True)
+
+
+# -- running a recognizer ----------------------------------------------------------------------
+
+def embed_ijb(embedder, meta: IJBMeta, *, flip: bool = True) -> np.ndarray:
+    """Per-view embeddings (V, N, D) of every aligned IJB image, through the cache."""
+    key = f"{EMBED_PIPELINE}:{meta.dataset}:{meta.landmarks_sha256}"
+    return embedder.embed_cached(key, meta.n_images, lambda i: load_aligned(meta, i), flip=flip,
+                                 desc=meta.dataset)
+
+
+def run_ijb(embedder, root: str | Path, dataset: str = "IJBC", *, flip: bool = True,
+            norm_weight: bool = True, faceness_weight: bool = True, label: str | None = None,
+            run: str | None = None, scores_out: str | Path | None = None):
+    """Evaluate ``embedder`` on IJB-C/IJB-B 1:1; returns (result document, ROC curve).
+
+    ``scores_out``: also save the pair scores (.npy), as the official script does.
+    """
+    from rtkit.eval.report import new_result
+
+    meta = read_meta(root, dataset)
+    views = embed_ijb(embedder, meta, flip=flip)
+    feats = image_features(views, meta.faceness, norm_weight=norm_weight,
+                           faceness_weight=faceness_weight)
+    template_ids, template_feats = template_features(feats, meta.templates, meta.medias)
+    scores = pair_scores(template_ids, template_feats, meta.pair_t1, meta.pair_t2)
+    if scores_out is not None:
+        np.save(scores_out, scores)
+    metrics, curve = evaluate_ijb_scores(meta.labels, scores)
+    doc = new_result("ijb", embedder, label=label, run=run)
+    doc["dataset"] = meta.dataset
+    doc["root"] = str(meta.root)
+    doc["options"] = {"flip": flip, "norm_weight": norm_weight, "faceness_weight": faceness_weight}
+    doc["n_images"] = meta.n_images
+    doc["n_templates"] = int(template_ids.size)
+    doc["landmarks_sha256"] = meta.landmarks_sha256
+    doc.update(metrics)
+    return doc, curve
+
+
+def format_ijb(doc: dict) -> str:
+    """A small text table of an IJB result document."""
+    keys = list(doc["tar_at_fmr"]["insightface"])
+    head = f"{doc['dataset']} TAR (%) at FMR   " + " ".join(f"{k:>7}" for k in keys)
+    rows = [head]
+    for conv, vals in doc["tar_at_fmr"].items():
+        rows.append(f"{conv:<24}" + " ".join(f"{100 * vals[k]:7.2f}" for k in keys))
+    rows.append(f"AUC {100 * doc['auc']:.4f} %   pairs {doc['n_pairs']} "
+                f"({doc['n_genuine']} genuine), templates {doc['n_templates']}")
+    return "\n".join(rows)
+
+
+__all__ = ["DATASETS", "ARCFACE_TEMPLATE", "meta_paths", "read_face_tid_mid", "read_template_pairs",
+           "read_landmarks", "IJBMeta", "read_meta", "similarity_transform", "align_face",
+           "load_aligned", "image_features", "template_features", "pair_scores",
+           "evaluate_ijb_scores", "embed_ijb", "run_ijb", "format_ijb"]

@@ -1,0 +1,331 @@
+"""Result files of rt-eval and the reports built from them (the paper's Tables 2 and 3, ROC).
+
+A result file is one JSON document written by ``rt-eval verify`` or ``rt-eval ijbc``:
+
+    {
+      "format": "rtkit-eval", "format_version": 1,
+      "kind": "verification" | "ijb",
+      "label": "DigiFace1M",          # row of the report: training data / transfer method
+      "run": "seed1",                 # runs with the same label are aggregated (mean +- std)
+      "model": "iresnet50", "engine": "...", "checkpoint": "...", "engine_identity": "sha256",
+      "backend": "torch", "precision": "fp32", "device": "cpu", "input": {...},
+      "created": "2025-01-01T00:00:00+00:00", "rtkit_version": "0.1.0",
+      # kind "verification":
+      "benchmarks": {"lfw": {"accuracy": 0.9929, "std": 0.0031, "pairs": 6000, ...}, ...},
+      "average": 0.8032 | null,       # mean accuracy of the five benchmarks when all are there
+      # kind "ijb":
+      "dataset": "IJBC", "options": {"flip": true, "norm_weight": true, "faceness_weight": true},
+      "tar_at_fmr": {"insightface": {"1e-06": 0.41, ...}, "fmr_le_target": {...}},
+      "auc": 0.99, "roc": {"fpr": [...], "tpr": [...]}, "n_pairs": ..., ...
+    }
+
+Accuracies and TARs are fractions in files and percentages in reports. Across runs the std is
+the sample std (ddof = 1); a single run has none.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rtkit.engines.errors import MissingDependency, RtkitError
+from rtkit.eval.roc import CONVENTIONS, FMR_TARGETS, fmr_key
+from rtkit.eval.verification import BENCHMARK_TITLES, BENCHMARKS
+
+RESULT_FORMAT = "rtkit-eval"
+RESULT_FORMAT_VERSION = 1
+KINDS = ("verification", "ijb")
+DATASET_TITLES = {"IJBC": "IJB-C", "IJBB": "IJB-B"}
+
+
+class ResultFileError(RtkitError, ValueError):
+    """A file given to the report that is not an rt-eval result."""
+
+
+# -- result documents --------------------------------------------------------------------------
+
+def _rtkit_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("rtkit")
+    except Exception:
+        return "unknown"
+
+
+def new_result(kind: str, embedder, *, label: str | None = None, run: str | None = None) -> dict:
+    """The common head of a result document for ``embedder`` (an rtkit.eval.embed.Embedder).
+
+    Defaults: label = the checkpoint's file stem, else the model name; run = the first 12
+    hex digits of the engine identity.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    info = embedder.describe()
+    default_label = Path(info["checkpoint"]).stem if info.get("checkpoint") else info["model"]
+    return {"format": RESULT_FORMAT, "format_version": RESULT_FORMAT_VERSION, "kind": kind,
+            "label": label or default_label, "run": run or info["engine_identity"][:12],
+            **info,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "rtkit_version": _rtkit_version()}
+
+
+def write_result(doc: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_results(paths) -> list[dict]:
+    """Result documents from files, or from every *.json in a folder (sorted)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.rglob("*.json")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ResultFileError(f"result file not found: {p}")
+    docs = []
+    for f in files:
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ResultFileError(f"{f} is not an rt-eval result file (invalid JSON: {e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != RESULT_FORMAT:
+            raise ResultFileError(f"{f} is not an rt-eval result file (no \"format\": "
+                                  f"\"{RESULT_FORMAT}\")")
+        if doc.get("format_version") != RESULT_FORMAT_VERSION or doc.get("kind") not in KINDS:
+            raise ResultFileError(f"{f}: unsupported result format version "
+                                  f"{doc.get('format_version')!r} or kind {doc.get('kind')!r}")
+        doc["_path"] = str(f)
+        docs.append(doc)
+    if not docs:
+        raise ResultFileError("no result files given")
+    return docs
+
+
+# -- aggregation -------------------------------------------------------------------------------
+
+def mean_std(values) -> tuple[float, float | None, int]:
+    """(mean, sample std or None for one value, count)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), None, 0
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else None), int(v.size)
+
+
+def _labels_in_order(docs) -> list[str]:
+    seen: dict[str, None] = {}
+    for d in docs:
+        seen.setdefault(d["label"], None)
+    return list(seen)
+
+
+def verification_runs(docs) -> dict[str, dict[str, dict[str, float]]]:
+    """label -> run -> benchmark -> accuracy; later files override earlier ones."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for d in docs:
+        if d["kind"] != "verification":
+            continue
+        runs = out.setdefault(d["label"], {})
+        accs = runs.setdefault(str(d["run"]), {})
+        for name, b in d["benchmarks"].items():
+            accs[name] = float(b["accuracy"])
+    return out
+
+
+def verification_table(docs) -> list[dict]:
+    """Rows of Table 2: per label, mean/std/n over runs for each benchmark and the average.
+
+    The average of a run is the mean of its five benchmarks; runs missing one are left out
+    of the avg column. Extra benchmarks (not among the five) get their own columns.
+    """
+    runs_by_label = verification_runs(docs)
+    extra = sorted({b for runs in runs_by_label.values() for accs in runs.values()
+                    for b in accs if b not in BENCHMARKS})
+    rows = []
+    for label in _labels_in_order([d for d in docs if d["kind"] == "verification"]):
+        runs = runs_by_label[label]
+        row = {"label": label, "runs": len(runs), "columns": {}}
+        for b in (*BENCHMARKS, *extra):
+            row["columns"][b] = mean_std(a[b] for a in runs.values() if b in a)
+        row["columns"]["avg"] = mean_std(np.mean([a[b] for b in BENCHMARKS])
+                                         for a in runs.values() if all(b in a for b in BENCHMARKS))
+        rows.append(row)
+    return rows
+
+
+def ijb_table(docs, dataset: str, convention: str) -> list[dict]:
+    """Rows of Table 3 for one dataset and TAR convention: mean/std/n of TAR at each FMR."""
+    rows = []
+    selected = [d for d in docs if d["kind"] == "ijb" and d["dataset"] == dataset]
+    for label in _labels_in_order(selected):
+        by_run = {str(d["run"]): d for d in selected if d["label"] == label}  # last one wins
+        row = {"label": label, "runs": len(by_run), "columns": {}}
+        for t in FMR_TARGETS:
+            k = fmr_key(t)
+            row["columns"][k] = mean_std(d["tar_at_fmr"][convention][k] for d in by_run.values()
+                                         if k in d["tar_at_fmr"].get(convention, {}))
+        row["columns"]["auc"] = mean_std(d["auc"] for d in by_run.values())
+        rows.append(row)
+    return rows
+
+
+def ijb_mean_roc(docs, dataset: str) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+    """(label, fpr grid, mean TPR over runs, runs) per label, from the ROCs in the files."""
+    curves = []
+    selected = [d for d in docs if d["kind"] == "ijb" and d["dataset"] == dataset]
+    for label in _labels_in_order(selected):
+        by_run = {str(d["run"]): d for d in selected if d["label"] == label}
+        fpr = np.asarray(next(iter(by_run.values()))["roc"]["fpr"])
+        tprs = [np.interp(fpr, d["roc"]["fpr"], d["roc"]["tpr"]) for d in by_run.values()]
+        curves.append((label, fpr, np.mean(tprs, axis=0), len(by_run)))
+    return curves
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+def _cell(stat, scale: float = 100.0, digits: int = 2) -> str:
+    mean, std, n = stat
+    if n == 0:
+        return "-"
+    if std is None:
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]], first: str) -> str:
+    """``columns``: (key, title) pairs; cells are percentages, mean ± std over runs."""
+    head = [first, "runs", *[t for _, t in columns]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join([r["label"], str(r["runs"]),
+                                         *[_cell(r["columns"][k]) for k, _ in columns]]) + " |")
+    return "\n".join(lines)
+
+
+def csv_table(rows: list[dict], columns: list[tuple[str, str]], first: str) -> str:
+    """One row per label: mean, std and n of each column (percentages, 4 decimals)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([first, "runs", *[f"{k}_{s}" for k, _ in columns for s in ("mean", "std", "n")]])
+    for r in rows:
+        cells = []
+        for k, _ in columns:
+            mean, std, n = r["columns"][k]
+            cells += ["" if n == 0 else f"{100 * mean:.4f}",
+                      "" if std is None else f"{100 * std:.4f}", n]
+        w.writerow([r["label"], r["runs"], *cells])
+    return buf.getvalue()
+
+
+def verification_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    extra = [k for k in (rows[0]["columns"] if rows else {}) if k not in (*BENCHMARKS, "avg")]
+    return ([(b, BENCHMARK_TITLES[b]) for b in BENCHMARKS] + [(b, b) for b in extra]
+            + [("avg", "avg")])
+
+
+def ijb_columns() -> list[tuple[str, str]]:
+    return [(fmr_key(t), f"TAR@FMR={fmr_key(t)}") for t in FMR_TARGETS] + [("auc", "AUC")]
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+def plot_roc(curves, out_stem: str | Path, title: str = "ROC") -> list[Path]:
+    """Write ``out_stem``.png and .pdf: TPR against FPR (log axis) for each
+    ``(label, fpr, tpr)``. matplotlib is imported here only."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependency("plotting ROC curves needs matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=(6.0, 4.5))
+    ax = fig.add_subplot()
+    lo = 1.0
+    for label, fpr, tpr in curves:
+        fpr, tpr = np.asarray(fpr), np.asarray(tpr)
+        keep = fpr > 0  # log axis
+        ax.plot(fpr[keep], tpr[keep], lw=1.2, label=label)
+        in_range = tpr[(fpr >= FMR_TARGETS[0]) & (fpr <= FMR_TARGETS[-1])]
+        if in_range.size:
+            lo = min(lo, float(in_range.min()))
+    ax.set_xscale("log")
+    ax.set_xlim(FMR_TARGETS[0], FMR_TARGETS[-1])
+    ax.set_ylim(max(0.0, np.floor(lo * 10) / 10), 1.0)
+    ax.set_xticks(FMR_TARGETS)
+    ax.grid(linestyle="--", linewidth=0.6)
+    ax.set_xlabel("False match rate")
+    ax.set_ylabel("True accept rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    out_stem = Path(out_stem)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext in ("png", "pdf"):
+        p = out_stem.with_name(out_stem.name + "." + ext)
+        fig.savefig(p, dpi=150)
+        written.append(p)
+    return written
+
+
+# -- the report --------------------------------------------------------------------------------
+
+def write_report(result_paths, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
+    """Tables 2 (verification) and 3 (IJB TAR@FMR, one per dataset and convention) as
+    Markdown (report.md) and CSV, plus a combined ROC figure per IJB dataset."""
+    docs = load_results(result_paths)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    md = ["# rt-eval report", "",
+          f"{len(docs)} result files. Cells are percentages, mean ± sample std (ddof 1) over "
+          f"runs sharing a label; a single run shows its value alone.", ""]
+
+    vrows = verification_table(docs)
+    if vrows:
+        cols = verification_columns(vrows)
+        md += ["## Table 2: verification accuracy (%)", "",
+               "10-fold accuracy per benchmark (insightface protocol); avg = mean of the five "
+               "benchmarks per run.", "", markdown_table(vrows, cols, "training data"), ""]
+        p = out_dir / "table2_verification.csv"
+        p.write_text(csv_table(vrows, cols, "training data"))
+        written.append(p)
+
+    datasets = sorted({d["dataset"] for d in docs if d["kind"] == "ijb"})
+    for ds in datasets:
+        title = DATASET_TITLES.get(ds, ds)
+        for conv, meaning in CONVENTIONS.items():
+            rows = ijb_table(docs, ds, conv)
+            md += [f"## Table 3: {title} 1:1 TAR (%) at FMR, convention `{conv}`", "",
+                   f"Convention `{conv}`: {meaning}. AUC from the full ROC.", "",
+                   markdown_table(rows, ijb_columns(), "training data"), ""]
+            p = out_dir / f"table3_{ds.lower()}_{conv}.csv"
+            p.write_text(csv_table(rows, ijb_columns(), "training data"))
+            written.append(p)
+        if plots:
+            curves = [(f"{label} ({n} run{'s' if n > 1 else ''})", fpr, tpr)
+                      for label, fpr, tpr, n in ijb_mean_roc(docs, ds)]
+            written += plot_roc(curves, out_dir / f"roc_{ds.lower()}",
+                                title=f"{title} 1:1 verification (mean over runs)")
+            md += [f"![{title} ROC](roc_{ds.lower()}.png)", ""]
+
+    md += ["## Sources", ""] + [f"- `{d['_path']}`: {d['kind']} {d.get('dataset', '')} label "
+                                f"`{d['label']}` run `{d['run']}` model `{d.get('model')}`"
+                                for d in docs]
+    p = out_dir / "report.md"
+    p.write_text("\n".join(md) + "\n")
+    written.insert(0, p)
+    return written
+
+
+__all__ = ["RESULT_FORMAT", "RESULT_FORMAT_VERSION", "ResultFileError", "new_result",
+           "write_result", "load_results", "mean_std", "verification_runs", "verification_table",
+           "ijb_table", "ijb_mean_roc", "markdown_table", "csv_table", "verification_columns",
+           "ijb_columns", "plot_roc", "write_report"]

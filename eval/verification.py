@@ -1,0 +1,330 @@
+"""Pair verification benchmarks in insightface's .bin format (LFW, CFP-FP, CPLFW, CALFW, AgeDB-30).
+
+A .bin is a pickle of ``(bins, issame_list)``: ``bins`` holds 2N encoded images (JPEG or PNG
+bytes), pair i being ``bins[2i]`` and ``bins[2i+1]``; ``issame_list`` holds N booleans. Files
+written by Python 2 need ``encoding='bytes'``. We read them without mxnet, through an
+unpickler that only accepts what such a file holds (lists, tuples, bytes, booleans, numpy
+arrays), so a .bin cannot run code.
+
+The protocol is insightface's: the embedding of an image and of its horizontal flip are summed
+and L2-normalised; distance is squared L2; thresholds ``np.arange(0, 4, 0.01)``; ten contiguous
+folds; for each fold the threshold with the best accuracy on the other nine (first one on
+ties) is applied to it; accuracy is reported as mean and (population) std over the folds.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from rtkit.engines.errors import RtkitError
+
+BENCHMARKS = ("lfw", "cfp_fp", "cplfw", "calfw", "agedb_30")
+BENCHMARK_TITLES = {"lfw": "LFW", "cfp_fp": "CFP-FP", "cplfw": "CPLFW", "calfw": "CALFW",
+                    "agedb_30": "AgeDB"}
+THRESHOLDS = np.arange(0, 4, 0.01)
+N_FOLDS = 10
+
+
+class BenchmarkError(RtkitError, ValueError):
+    """A benchmark file that is missing, corrupt or not in the expected format."""
+
+
+# -- reading and writing .bin files -----------------------------------------------------------
+
+# The only globals a verification .bin may reference: byte strings pickled by Python 3 with
+# protocol 2 go through _codecs.encode, and some files hold numpy arrays.
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),
+    ("builtins", "bytearray"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _BinUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a verification "
+                                         f".bin never holds; refusing to load it")
+        return super().find_class(module, name)
+
+
+@dataclass
+class VerificationSet:
+    """The decoded-on-demand content of a .bin file."""
+
+    name: str                 # benchmark name, from the file name (lfw.bin -> "lfw")
+    path: Path
+    images: list[bytes]       # 2N encoded images
+    issame: np.ndarray        # N booleans
+    sha256: str = ""
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.issame.size)
+
+
+def load_bin(path: str | Path) -> VerificationSet:
+    """Read an insightface verification .bin, checking its structure.
+
+    Raises BenchmarkError (one line) for a missing, truncated or malformed file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"verification file not found: {path}")
+    data = path.read_bytes()
+    try:
+        obj = _BinUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
+            AttributeError, KeyError, MemoryError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BenchmarkError(f"{path} is not a valid verification .bin (corrupt or truncated "
+                             f"pickle: {reason})") from None
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise BenchmarkError(f"{path} is not a verification .bin: expected a pickled "
+                             f"(images, issame_list) pair, got {type(obj).__name__}")
+    bins, issame = obj
+    try:
+        images = [bytes(b.tobytes() if isinstance(b, np.ndarray) else b) for b in bins]
+        issame = np.asarray(issame, dtype=bool).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise BenchmarkError(f"{path} is not a verification .bin: its images must be encoded "
+                             f"bytes and its labels booleans ({e})") from None
+    if issame.size == 0 or len(images) != 2 * issame.size:
+        raise BenchmarkError(f"{path} is not a verification .bin: {len(images)} images for "
+                             f"{issame.size} pairs (expected 2 per pair)")
+    return VerificationSet(name=benchmark_name(path), path=path, images=images, issame=issame,
+                           sha256=hashlib.sha256(data).hexdigest())
+
+
+def benchmark_name(path: str | Path) -> str:
+    return Path(path).stem.lower()
+
+
+def decode_image(data: bytes, *, what: str = "image") -> np.ndarray:
+    """Encoded JPEG/PNG bytes -> HxWx3 uint8 RGB, or BenchmarkError."""
+    img = None
+    if data:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None or img.size == 0:
+        raise BenchmarkError(f"{what} is not a decodable image ({len(data)} bytes)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_pairs(pairs_file: str | Path) -> list[tuple[str, str, bool]]:
+    """Lines ``relpath1 relpath2 1|0``; blank lines and '#' comments are skipped."""
+    pairs_file = Path(pairs_file)
+    if not pairs_file.is_file():
+        raise BenchmarkError(f"pairs file not found: {pairs_file}")
+    pairs = []
+    for n, line in enumerate(pairs_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 3 or parts[2] not in ("0", "1"):
+            raise BenchmarkError(f"{pairs_file}:{n}: expected 'relpath1 relpath2 1|0', "
+                                 f"got {line!r}")
+        pairs.append((parts[0], parts[1], parts[2] == "1"))
+    if not pairs:
+        raise BenchmarkError(f"{pairs_file} lists no pairs")
+    return pairs
+
+
+def build_bin(image_root: str | Path, pairs_file: str | Path, out_bin: str | Path) -> int:
+    """Write a .bin from a folder of (aligned) face images and a pairs list; returns the pair count.
+
+    The image files are stored as they are (no re-encoding), after checking that each decodes.
+    """
+    image_root = Path(image_root)
+    if not image_root.is_dir():
+        raise BenchmarkError(f"image folder not found: {image_root}")
+    pairs = read_pairs(pairs_file)
+    images, issame, cache = [], [], {}
+    for a, b, same in pairs:
+        for rel in (a, b):
+            if rel not in cache:
+                p = image_root / rel
+                if not p.is_file():
+                    raise BenchmarkError(f"image listed in {pairs_file} not found: {p}")
+                data = p.read_bytes()
+                decode_image(data, what=str(p))
+                cache[rel] = data
+            images.append(cache[rel])
+        issame.append(same)
+    out_bin = Path(out_bin)
+    out_bin.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_bin.with_name(out_bin.name + ".tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump((images, issame), f, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(out_bin)
+    return len(pairs)
+
+
+# -- the 10-fold protocol ---------------------------------------------------------------------
+
+def kfold_splits(n: int, n_folds: int = N_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Contiguous (train, test) index splits; the first ``n % n_folds`` folds get one extra
+    item (the layout of sklearn's KFold without shuffling)."""
+    if n_folds < 2 or n < n_folds:
+        raise ValueError(f"need at least {n_folds} pairs for {n_folds} folds, got {n}")
+    sizes = np.full(n_folds, n // n_folds)
+    sizes[: n % n_folds] += 1
+    bounds = np.r_[0, np.cumsum(sizes)]
+    idx = np.arange(n)
+    return [(np.r_[idx[:lo], idx[hi:]], idx[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm, with the arithmetic of sklearn.preprocessing.normalize
+    (einsum norms; near-zero norms treated as 1) so results match insightface bit for bit."""
+    x = np.array(x, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    norms[norms < 10 * np.finfo(norms.dtype).eps] = 1.0
+    x /= norms[:, None]
+    return x
+
+
+def fuse_flip(views: np.ndarray) -> np.ndarray:
+    """(V, N, D) embeddings of each view (original, flipped) -> (N, D) float64 unit vectors,
+    summed in float64 as insightface does. A 2-D array is a single view."""
+    views = np.asarray(views)
+    emb = views.astype(np.float64)
+    if emb.ndim == 3:
+        emb = emb[0] + emb[1] if emb.shape[0] == 2 else emb.sum(axis=0)
+    return l2_normalize(emb)
+
+
+@dataclass
+class FoldAccuracy:
+    accuracy: float                 # mean over folds
+    std: float                      # population std over folds
+    fold_accuracies: list[float] = field(default_factory=list)
+    fold_thresholds: list[float] = field(default_factory=list)
+
+
+def pair_distances(embeddings: np.ndarray) -> np.ndarray:
+    """Squared L2 distance of rows 2i and 2i+1."""
+    diff = np.subtract(embeddings[0::2], embeddings[1::2])
+    return np.sum(np.square(diff), 1)
+
+
+def fold_accuracy(embeddings: np.ndarray, issame, n_folds: int = N_FOLDS,
+                  thresholds: np.ndarray = THRESHOLDS) -> FoldAccuracy:
+    """insightface's verification accuracy on normalised embeddings (2N rows, pairs adjacent)."""
+    issame = np.asarray(issame, dtype=bool)
+    dist = pair_distances(np.asarray(embeddings))
+    n = min(issame.size, dist.size)
+    dist, issame = dist[:n], issame[:n]
+    accepted = dist[None, :] < thresholds[:, None]      # (thresholds, pairs), accept when below
+    correct = accepted == issame[None, :]
+    accs, best = [], []
+    for train, test in kfold_splits(n, n_folds):
+        # Correct-decision counts compare exactly; argmax takes the first best threshold.
+        b = int(np.argmax(correct[:, train].sum(axis=1)))
+        best.append(float(thresholds[b]))
+        accs.append(float(correct[b, test].sum()) / test.size)
+    accs_arr = np.asarray(accs)
+    return FoldAccuracy(float(np.mean(accs_arr)), float(np.std(accs_arr)), accs, best)
+
+
+# -- running a recognizer over a .bin ---------------------------------------------------------
+
+EMBED_PIPELINE = "verification-bin-v1"   # part of the cache key: bump when decoding changes
+
+
+def embed_bin(embedder, vset: VerificationSet, *, flip: bool = True) -> np.ndarray:
+    """Per-view embeddings (V, 2N, D) float32 of a .bin's images, through the cache."""
+
+    def load(i: int) -> np.ndarray:
+        return decode_image(vset.images[i], what=f"{vset.path} image {i}")
+
+    key = f"{EMBED_PIPELINE}:{vset.sha256}"
+    return embedder.embed_cached(key, len(vset.images), load, flip=flip, desc=vset.name)
+
+
+def evaluate_bin(embedder, path: str | Path, *, flip: bool = True, n_folds: int = N_FOLDS) -> dict:
+    """Accuracy of a recognizer on one .bin: a JSON-ready dict."""
+    vset = load_bin(path)
+    views = embed_bin(embedder, vset, flip=flip)
+    embeddings = fuse_flip(views)
+    res = fold_accuracy(embeddings, vset.issame, n_folds)
+    xnorm = float(np.linalg.norm(views.astype(np.float64), axis=-1).mean())
+    return {
+        "file": str(vset.path), "sha256": vset.sha256, "pairs": vset.n_pairs,
+        "accuracy": res.accuracy, "std": res.std,
+        "fold_accuracies": res.fold_accuracies, "fold_thresholds": res.fold_thresholds,
+        "xnorm": xnorm, "flip": flip,
+    }
+
+
+def five_benchmark_average(benchmarks: dict[str, dict]) -> float | None:
+    """Mean accuracy over LFW, CFP-FP, CPLFW, CALFW and AgeDB-30, or None if one is missing."""
+    if not all(b in benchmarks for b in BENCHMARKS):
+        return None
+    return float(np.mean([benchmarks[b]["accuracy"] for b in BENCHMARKS]))
+
+
+def expand_bin_paths(paths) -> list[Path]:
+    """Files as given; a folder stands for the five standard benchmarks found in it."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = [p / f"{b}.bin" for b in BENCHMARKS if (p / f"{b}.bin").is_file()]
+            if not found:
+                raise BenchmarkError(f"no benchmark .bin ({', '.join(BENCHMARKS)}) in {p}")
+            out.extend(found)
+        else:
+            out.append(p)
+    names = [benchmark_name(p) for p in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BenchmarkError(f"benchmark named twice: {', '.join(dup)} (names come from file names)")
+    return out
+
+
+def run_verification(embedder, paths, *, flip: bool = True, n_folds: int = N_FOLDS,
+                     label: str | None = None, run: str | None = None) -> dict:
+    """Evaluate ``embedder`` on each .bin; the result document (see rtkit.eval.report)."""
+    from rtkit.eval.report import new_result
+
+    paths = expand_bin_paths(paths)
+    for p in paths:  # fail before hours of embedding if a later file is missing
+        if not p.is_file():
+            raise BenchmarkError(f"verification file not found: {p}")
+    benchmarks = {}
+    for p in paths:
+        benchmarks[benchmark_name(p)] = evaluate_bin(embedder, p, flip=flip, n_folds=n_folds)
+    doc = new_result("verification", embedder, label=label, run=run)
+    doc["protocol"] = {"folds": n_folds, "thresholds": "np.arange(0, 4, 0.01)",
+                       "distance": "squared L2 of L2-normalised (image + flip) embeddings",
+                       "std": "population std over folds"}
+    doc["benchmarks"] = benchmarks
+    doc["average"] = five_benchmark_average(benchmarks)
+    return doc
+
+
+def format_verification(doc: dict) -> str:
+    """A small text table of a verification result document."""
+    rows = [f"{'benchmark':<10} {'pairs':>6}  accuracy (%)"]
+    for name, b in doc["benchmarks"].items():
+        rows.append(f"{name:<10} {b['pairs']:>6}  {100 * b['accuracy']:.2f} +- {100 * b['std']:.2f}")
+    if doc.get("average") is not None:
+        rows.append(f"{'average':<10} {'':>6}  {100 * doc['average']:.2f} (five benchmarks)")
+    return "\n".join(rows)
+
+
+__all__ = ["BENCHMARKS", "BENCHMARK_TITLES", "BenchmarkError", "VerificationSet", "load_bin",
+           "decode_image", "read_pairs", "build_bin", "kfold_splits", "l2_normalize", "fuse_flip", "FoldAccuracy",
+           "pair_distances", "fold_accuracy", "embed_bin", "evaluate_bin", "five_benchmark_average",
+           "expand_bin_paths", "run_verification", "format_verification"]
