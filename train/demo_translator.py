@@ -23,7 +23,7 @@ class DemoTranslatorConfig:
     identities: int = 48          # training identities (held-out ones follow them)
     per_identity: int = 8
     heldout_identities: int = 8
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 8
     crop: int = 64
     lr: float = 2e-3
@@ -49,7 +49,7 @@ def style_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def train_demo_translator(out_dir: str | Path, cfg: DemoTranslatorConfig | None = None,
-                          log=print) -> dict:
+                          log=lambda m: print(m, flush=True)) -> dict:
     """Train render2photo, write render2photo.safetensors/.onnx/.json into ``out_dir``."""
     from safetensors.torch import save_file
 

@@ -1,0 +1,71 @@
+"""Naive per-image loop vs rt-convert, same engine, same images, one run, side by side.
+
+    python benchmarks/convert_cpu.py [--identities 60 --per-identity 8] [--engine PATH.onnx]
+
+(a) naive: for each file, in one Python loop: read + decode (OpenCV), preprocess, one
+    ONNX Runtime call with a batch of 1 (default session options), postprocess, encode + write.
+(b) rtkit.runtime.convert (what rt-convert runs) with its defaults.
+Both write PNG to fresh folders; the script checks the outputs are identical.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def naive(engine: Path, src: Path, out: Path) -> float:
+    import onnxruntime as ort
+
+    from rtkit.export.metadata import read_metadata
+    from rtkit.runtime.converter import postprocess, preprocess
+
+    spec = read_metadata(engine).spec
+    sess = ort.InferenceSession(str(engine), providers=["CPUExecutionProvider"])
+    files = sorted(src.rglob("*.png"))
+    t0 = time.perf_counter()
+    for f in files:
+        rgb = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
+        y = sess.run(None, {"input": preprocess(rgb, spec)[None]})[0][0]
+        target = out / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target), cv2.cvtColor(postprocess(y, spec, rgb.shape[:2]), cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    return len(files) / (time.perf_counter() - t0)
+
+
+def main():
+    from rtkit.engines.render2photo import BUNDLED_ONNX
+    from rtkit.runtime.converter import convert
+    from rtkit.runtime.sample import make_sample_dataset
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", type=Path, default=BUNDLED_ONNX)
+    ap.add_argument("--identities", type=int, default=60)
+    ap.add_argument("--per-identity", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        src = tmp / "src"
+        make_sample_dataset(src, style="render", identities=args.identities, per_identity=args.per_identity)
+        n = len(list(src.rglob("*.png")))
+        print(f"{n} images 112x112, engine {args.engine}, {os.cpu_count()} CPU cores")
+        naive_rate = naive(args.engine, src, tmp / "naive")
+        s = convert(args.engine, src, tmp / "rtkit", progress=False, batch_size=args.batch_size)
+        same = all(np.array_equal(cv2.imread(str(p)), cv2.imread(str(tmp / "naive" / p.relative_to(tmp / "rtkit"))))
+                   for p in (tmp / "rtkit").rglob("*.png"))
+        print(f"naive loop : {naive_rate:8.1f} img/s  {1e3 / naive_rate:6.2f} ms/img")
+        print(f"rt-convert : {s.img_per_s:8.1f} img/s  {s.s_per_img * 1e3:6.2f} ms/img  "
+              f"(stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in s.stage_s.items()) + ")")
+        print(f"ratio      : {s.img_per_s / naive_rate:.2f}x   outputs identical: {same}")
+
+
+if __name__ == "__main__":
+    main()
