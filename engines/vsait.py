@@ -46,11 +46,12 @@ GENERATOR_PREFIX = "model.g_net."
 
 def gaussian_kernel(kernel_size: int) -> torch.Tensor:
     """Normalised 2-D Gaussian, sigma 1, centred between the middle taps for even sizes."""
+    # float32 throughout, in the official order of operations, so the buffers are bit-identical.
     centre = (kernel_size - 1) / 2.0
-    taps = torch.arange(kernel_size, dtype=torch.float64) - centre
+    taps = torch.arange(kernel_size, dtype=torch.float32) - centre
     dist2 = taps[:, None] ** 2 + taps[None, :] ** 2
     g = torch.exp(-dist2 / 2.0)
-    return (g / g.sum()).float()
+    return g / g.sum()
 
 
 class ConvNormAct(nn.Module):
