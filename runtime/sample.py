@@ -2,7 +2,8 @@
 
 ``make_sample_dataset(root)`` writes ``root/<identity>/<k>.png`` (112x112 RGB, ArcFace-112
 aligned, numeric identity folders as in DigiFace-1M) for demos and tests that need face-like
-data without downloading anything. ``render_face`` draws one image in memory.
+data without downloading anything. ``render_face`` draws one image in memory, ``render_pair``
+both looks of one scene, ``face_landmarks`` gives its five landmarks.
 
 Every image comes from one scene per (seed, identity, k): identity traits (face shape, eyes,
 nose, mouth, brows, skin tone, hair colour and style, beard, glasses, freckles) and per-image
@@ -13,8 +14,8 @@ same world, so the two styles of one (seed, identity, k) are pixel-aligned pairs
 - ``photo``: soft shading from the light direction with a highlight, skin and hair texture,
   slight blur, a colour cast, sensor noise and JPEG artefacts.
 
-Random numbers come from numpy Generators seeded with (seed, identity[, k]) only, so the
-output is byte-identical across runs and independent of worker scheduling.
+Random numbers come from numpy Philox generators keyed by (seed, stream, identity, k) only,
+so the output is byte-identical across runs and independent of worker scheduling.
 """
 from __future__ import annotations
 
@@ -425,15 +426,17 @@ def _draw_hair(cv: _Canvas, t: IdentityTraits, lay: _Layout, outline: np.ndarray
     if back:
         if style == "long":
             rx = t.face_rx + vol + 6
-            pts = [[lay.cx - rx, lay.cy - 20], [lay.cx - rx - 6, 122], [lay.cx + rx + 6, 122], [lay.cx + rx, lay.cy - 20]]
-            # two fills: cv2 fills overlapping parts of one polygon even-odd (as holes)
-            cv.poly(Region.HAIR, pts)
+            fall = [[lay.cx - rx, lay.cy - 20], [lay.cx - rx - 6, 122], [lay.cx + rx + 6, 122],
+                    [lay.cx + rx, lay.cy - 20]]
+            # two fills: cv2 fills the overlap of a self-intersecting polygon as a hole
+            cv.poly(Region.HAIR, fall)
             cv.poly(Region.HAIR, _ellipse(lay.cx, lay.cy - 6, rx, t.face_top + vol + 6))
         elif style == "curly":
             rx = t.face_rx + vol + 10
-            blob = _ellipse(lay.cx, lay.cy - 8, rx, t.face_top + vol + 10, n=60)
-            wob = 1 + 0.06 * np.abs(np.sin(np.linspace(0, 2 * math.pi, 60, endpoint=False) * 11 + t.strand_phase))
-            cv.poly(Region.HAIR, lay.cx + (blob - [lay.cx, lay.cy - 8]) * wob[:, None] + [0, lay.cy - 8 - lay.cy + 8])
+            centre = np.array([lay.cx, lay.cy - 8])
+            blob = _ellipse(*centre, rx, t.face_top + vol + 10, n=60)
+            wobble = 1 + 0.06 * np.abs(np.sin(np.linspace(0, 2 * math.pi, 60, endpoint=False) * 11 + t.strand_phase))
+            cv.poly(Region.HAIR, centre + (blob - centre) * wobble[:, None])
         return
     if style == "bald":
         # a fringe of hair left above the ears: a band along the outline, hugging the skull
@@ -508,9 +511,9 @@ def _draw_beard(cv: _Canvas, t: IdentityTraits, s: Shot, lay: _Layout, outline: 
         # right side first, through the chin to the left, so the polygon closes on the upper edge
         lower = lower[np.argsort(np.arctan2(lower[:, 1] - lay.cy, lower[:, 0] - lay.cx))]
         side_y = lay.cy + 7
-        upper = [[_half_width_at(outline, side_y, -1) + 1, side_y], [lx - 9, ly - 8], [lx - 3, ly - 3], [lx - 1.5, lip_top - 1],
-                 [lay.cx, top], [rx + 1.5, lip_top - 1], [rx + 3, ry - 3], [rx + 9, ry - 8],
-                 [_half_width_at(outline, side_y, 1) - 1, side_y]]
+        upper = [[_half_width_at(outline, side_y, -1) + 1, side_y], [lx - 9, ly - 8], [lx - 3, ly - 3],
+                 [lx - 1.5, lip_top - 1], [lay.cx, top], [rx + 1.5, lip_top - 1], [rx + 3, ry - 3],
+                 [rx + 9, ry - 8], [_half_width_at(outline, side_y, 1) - 1, side_y]]
         region = Region.BEARD if t.beard == "full" else Region.STUBBLE
         cv.poly(region, np.concatenate([upper, lower]))
     xs, upper_top, seam, _, lower_out = _lip_curves(t, s, lay)
@@ -616,7 +619,8 @@ def _draw_glasses(cv: _Canvas, t: IdentityTraits, lay: _Layout, outline: np.ndar
         else:
             hx, hy = 12.5, 8.0
             c = np.array([eye[0], eye[1] + 0.8])
-            rim = np.array([[-hx, -hy], [hx, -hy], [hx, hy * 0.6], [hx * 0.7, hy], [-hx * 0.7, hy], [-hx, hy * 0.6]]) + c
+            rim = c + np.array([[-hx, -hy], [hx, -hy], [hx, hy * 0.6], [hx * 0.7, hy], [-hx * 0.7, hy],
+                                [-hx, hy * 0.6]])
         cv.line(Region.GLASSES, rim, 1.2, closed=True)
         edge = _half_width_at(outline, eye[1] - 2, side)
         cv.line(Region.GLASSES, [[eye[0] + side * 11.5, eye[1] - 2], [edge, eye[1] - 3]], 1.2)
@@ -641,11 +645,13 @@ def _draw_regions(cv: _Canvas, t: IdentityTraits, s: Shot, lay: _Layout):
             r = 0.9 - 0.1 * np.sin(u)
             ear = np.stack([x + side * (w * 0.35 + w * np.cos(u) * r), ear_y + hgt * np.sin(u) * r - 1], 1)
             cv.poly(Region.EAR, ear)
-            inner = np.stack([x + side * (w * 0.55 + w * 0.55 * np.cos(u[4:13])), ear_y - 1 + hgt * 0.65 * np.sin(u[4:13])], 1)
-            cv.line(Region.CREASE, inner, 0.8)
+            fold = u[4:13]  # the helix fold inside the ear
+            cv.line(Region.CREASE, np.stack([x + side * w * 0.55 * (1 + np.cos(fold)),
+                                             ear_y - 1 + hgt * 0.65 * np.sin(fold)], 1), 0.8)
     cv.poly(Region.SKIN, outline)
     if len(t.freckles):
-        cv.poly(Region.FRECKLE, [_ellipse(x + s.yaw * 2, y, r, r, n=8) for x, y, r in t.freckles], within=(Region.SKIN,))
+        dots = [_ellipse(x + s.yaw * 2, y, r, r, n=8) for x, y, r in t.freckles]
+        cv.poly(Region.FRECKLE, dots, within=(Region.SKIN,))
     if t.mole is not None:
         x, y, r = t.mole
         cv.poly(Region.MOLE, _ellipse(x + s.yaw * 2, y, r, r, n=10), within=(Region.SKIN,))
@@ -818,10 +824,11 @@ def _to_uint8(planar: np.ndarray) -> np.ndarray:
     return cv2.convertScaleAbs(hwc, alpha=255.0)
 
 
-def _coverage(labels: np.ndarray, regions: tuple, size: int) -> np.ndarray:
-    """Fraction of each output pixel covered by ``regions`` (area average of the supersampled map)."""
-    mask = _region_lut(regions)[labels].view(np.uint8)
-    return cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+def _area_lookup(labels: np.ndarray, table: np.ndarray, size: int) -> np.ndarray:
+    """Per-region values (a (256, 4) table) looked up on the supersampled map and area-averaged
+    to the output size: colours with anti-aliased edges, or the coverage of chosen regions."""
+    looked_up = cv2.LUT(cv2.merge((labels, labels, labels, labels)), table.reshape(256, 1, 4))
+    return _planar(cv2.resize(looked_up, (size, size), interpolation=cv2.INTER_AREA))
 
 
 def _look_render(sc: _Scene) -> np.ndarray:
@@ -829,38 +836,32 @@ def _look_render(sc: _Scene) -> np.ndarray:
     t, s, size = sc.traits, sc.shot, sc.size
     n = size * _SUPERSAMPLE
     pal = _saturate(_palette(t), 1.3)
-    # colour table indexed by region * 3 + band: all per-pixel work is one lookup
+    # table indexed by region * 3 + band: colour and background coverage in one lookup
     bands = np.array([0.55, 0.78, 1.0], np.float32)
     light = s.ambient + (1 - s.ambient) * min(s.light_intensity / 0.95, 1.0) * bands
     shade = 1 + _SHADED[:, None] * (light[None, :] - 1)
-    table = np.zeros((256, 3), np.float32)
-    table[:_N_REGIONS * 3] = (pal[:, None, :] * shade[..., None]).reshape(-1, 3)
-    table[:3] = 0  # background is composited below
+    table = np.zeros((256, 4), np.float32)
+    table[:_N_REGIONS * 3, :3] = (pal[:, None, :] * shade[..., None]).reshape(-1, 3)
+    table[:3] = (0, 0, 0, 1)
     lam = cv2.resize(sc.lambert, (n, n), interpolation=cv2.INTER_LINEAR)
     band = (lam > 0.2).astype(np.uint8) + (lam > 0.5)
-    idx = sc.labels * np.uint8(3) + band
-    lut = table.reshape(256, 1, 3)
-    img = cv2.LUT(cv2.merge((idx, idx, idx)), lut)
-    img = _planar(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA))
-    bg = _coverage(sc.labels, (Region.BACKGROUND,), size)
-    return _to_uint8(img + _background(s, size) * bg)
+    out = _area_lookup(sc.labels * np.uint8(3) + band, table, size)
+    return _to_uint8(out[:3] + _background(s, size) * out[3])
 
 
 def _look_photo(sc: _Scene, identity: int, k: int, seed: int) -> np.ndarray:
     """Soft light, texture, blur, colour cast, sensor noise and JPEG, from the same scene."""
     t, s, size = sc.traits, sc.shot, sc.size
     r = _rng(seed, _PHOTO_STREAM, identity, k)
-    labels = sc.labels
-    pal = _saturate(_palette(t), 0.95)
-    lut = np.zeros((256, 1, 4), np.float32)
-    lut[:_N_REGIONS, 0, :3] = pal
-    lut[:_N_REGIONS, 0, 3] = _SHADED
-    img4 = cv2.LUT(cv2.merge((labels, labels, labels, labels)), lut)
-    img4 = _planar(cv2.resize(img4, (size, size), interpolation=cv2.INTER_AREA))
-    img, shaded = img4[:3], img4[3]
-    skin = _coverage(labels, _SKIN_LIKE + (Region.LIP, Region.UPPER_LIP), size)
-    hair = _coverage(labels, _HAIR_LIKE, size)
-    bg_cov = _coverage(labels, (Region.BACKGROUND,), size)
+    colour = np.zeros((256, 4), np.float32)
+    colour[:_N_REGIONS, :3] = _saturate(_palette(t), 0.95)
+    colour[:_N_REGIONS, 3] = _SHADED
+    img, shaded = np.split(_area_lookup(sc.labels, colour, size), [3])
+    kinds = np.zeros((256, 4), np.float32)
+    kinds[list(_SKIN_LIKE + (Region.LIP, Region.UPPER_LIP)), 0] = 1
+    kinds[list(_HAIR_LIKE), 1] = 1
+    kinds[Region.BACKGROUND, 2] = 1
+    skin, hair, bg_cov, _ = _area_lookup(sc.labels, kinds, size)
 
     def smooth_noise(cell: float) -> np.ndarray:
         m = max(2, int(round(size / cell)))
@@ -868,33 +869,32 @@ def _look_photo(sc: _Scene, identity: int, k: int, seed: int) -> np.ndarray:
 
     # Skin: reddish blotches and pores; hair: strands, mostly vertical.
     blotch = smooth_noise(10.0)
-    pores = r.standard_normal((size, size), dtype=np.float32)
-    strands = cv2.GaussianBlur(r.standard_normal((size, size), dtype=np.float32), (0, 0), sigmaX=0.5, sigmaY=2.5)
+    pores, strands, grain = r.standard_normal((3, size, size), dtype=np.float32)
+    strands = cv2.GaussianBlur(strands, (0, 0), sigmaX=0.5, sigmaY=2.5)
     img = img * (1 + skin * (0.035 * pores + 0.03 * blotch) + hair * 0.45 * strands)
     img += (skin * (0.02 * blotch + 0.05 * sc.blush)) * np.array([1.0, -0.3, -0.3], np.float32)[:, None, None]
 
     # Soft diffuse light tinted by the light colour, warm in shadow, and a highlight on skin.
     lam = cv2.GaussianBlur(sc.lambert, (0, 0), 0.7)
     light = s.ambient + (1 - s.ambient) * s.light_intensity * lam / 0.92
-    light_rgb = light * s.light_tint[:, None, None] + (1 - light) * np.array([0.06, 0.0, -0.03], np.float32)[:, None, None]
+    warm_shadow = np.array([0.06, 0.0, -0.03], np.float32)[:, None, None]
+    light_rgb = light * s.light_tint[:, None, None] + (1 - light) * warm_shadow
     img = img * (1 + shaded * (light_rgb - 1))
     img += sc.specular * skin * (0.25 * s.light_intensity)
 
     bg = _background(s, size) * (1 + 0.06 * smooth_noise(14.0))
-    bg = _planar(cv2.GaussianBlur(np.ascontiguousarray(bg.transpose(1, 2, 0)), (0, 0), 1.5))
+    bg = _planar(cv2.GaussianBlur(cv2.merge(list(bg)), (0, 0), 1.5))
     img = img * (1 - bg_cov) + bg * bg_cov
 
-    img = _planar(cv2.GaussianBlur(np.ascontiguousarray(img.transpose(1, 2, 0)), (0, 0), float(r.uniform(0.5, 0.85))))
+    img = _planar(cv2.GaussianBlur(cv2.merge(list(img)), (0, 0), float(r.uniform(0.5, 0.85))))
     cast = (1 + r.normal(0, 0.03, 3) + (0.02, 0.0, -0.02)).astype(np.float32)
     img = _saturate(img * cast[:, None, None], float(r.uniform(0.8, 0.95)), axis=0)
     g = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-    img = img * (1 - np.float32(r.uniform(0.2, 0.45)) * (g[None, :] ** 2 + g[:, None] ** 2))
+    vignette = 1 - np.float32(r.uniform(0.2, 0.45)) * (g[None, :] ** 2 + g[:, None] ** 2)
     sigma = np.float32(r.uniform(0.012, 0.026))
-    img = img + r.standard_normal((size, size), dtype=np.float32) * sigma
-    img = img + r.standard_normal((3, size, size), dtype=np.float32) * (sigma * 0.5)
-    out = _to_uint8(img)
+    img = img * vignette + grain * sigma + r.standard_normal((3, size, size), dtype=np.float32) * (sigma * 0.5)
     quality = int(r.integers(60, 81))
-    ok, buf = cv2.imencode(".jpg", out[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    ok, buf = cv2.imencode(".jpg", _to_uint8(img[::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
     return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1])
 
 
@@ -911,17 +911,13 @@ def _check(identity: int, k: int, seed: int, size: int):
 
 
 def _render_styles(identity: int, k: int, styles, seed: int, size: int) -> dict:
+    for st in styles:
+        if st not in STYLES:
+            raise RtkitError(f"style must be one of {STYLES}, got {st!r}")
     _check(identity, k, seed, size)
     scene = _build_scene(identity, k, seed, size)
-    out = {}
-    for st in styles:
-        if st == "render":
-            out[st] = _look_render(scene)
-        elif st == "photo":
-            out[st] = _look_photo(scene, identity, k, seed)
-        else:
-            raise RtkitError(f"style must be one of {STYLES}, got {st!r}")
-    return out
+    return {st: _look_render(scene) if st == "render" else _look_photo(scene, identity, k, seed)
+            for st in styles}
 
 
 def render_face(identity: int, k: int, style: str = "render", seed: int = 0, size: int = 112) -> np.ndarray:
@@ -961,7 +957,7 @@ def make_sample_dataset(root, *, style: str = "render", identities: int = 20, pe
         raise RtkitError(f"style must be one of {STYLES + ('both',)}, got {style!r}")
     if identities < 1 or per_identity < 1:
         raise RtkitError(f"need at least one identity and one image each, got {identities} x {per_identity}")
-    _check(0, 0, seed, size)
+    _check(identities - 1, per_identity - 1, seed, size)
     root = Path(root)
     dirs = {st: (root / st if style == "both" else root) for st in styles}
     if root.exists() and not root.is_dir():
@@ -977,7 +973,9 @@ def make_sample_dataset(root, *, style: str = "render", identities: int = 20, pe
         for st, img in images.items():
             path = dirs[st] / str(i) / f"{k}.png"
             ok, buf = cv2.imencode(".png", img[..., ::-1])
-            tmp = path.with_name(f".{path.name}.tmp")
+            if not ok:
+                raise RuntimeError(f"PNG encoding failed for {path}")
+            tmp = path.with_name(f".{path.name}.tmp")  # a killed run leaves no half-written PNG
             tmp.write_bytes(buf.tobytes())
             os.replace(tmp, path)
             paths.append(path)
