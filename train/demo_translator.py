@@ -32,13 +32,14 @@ class DemoTranslatorConfig:
 
 
 def _pairs(ids, per_identity, seed):
-    from rtkit.runtime.sample import render_face
+    from rtkit.runtime.sample import render_pair
 
     src, dst = [], []
     for i in ids:
         for k in range(per_identity):
-            src.append(render_face(i, k, "render", seed, 112))
-            dst.append(render_face(i, k, "photo", seed, 112))
+            render, photo = render_pair(i, k, seed, 112)
+            src.append(render)
+            dst.append(photo)
     to_t = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     return to_t(src), to_t(dst)
 
