@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -327,13 +328,16 @@ class Embedder:
                 pass  # unreadable cache entry: recompute and overwrite it
         arr = self.embed(n, load, flip=flip, desc=desc)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-            np.save(tmp, arr)
-            os.replace(tmp, path)
-            info = {"engine": self.describe(), "dataset_key": dataset_key, "flip": flip,
-                    "shape": list(arr.shape), "dtype": str(arr.dtype)}
-            path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+                np.save(tmp, arr)
+                os.replace(tmp, path)  # atomic: a reader never sees half a file
+                info = {"engine": self.describe(), "dataset_key": dataset_key, "flip": flip,
+                        "shape": list(arr.shape), "dtype": str(arr.dtype)}
+                path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+            except OSError as e:  # a cache that cannot be written costs time, not results
+                warnings.warn(f"embedding cache not written ({e}); use --cache-dir or --no-cache")
         return arr
 
 

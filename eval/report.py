@@ -83,22 +83,31 @@ def write_result(doc: dict, path: str | Path) -> Path:
 
 
 def load_results(paths) -> list[dict]:
-    """Result documents from files, or from every *.json in a folder (sorted)."""
-    files: list[Path] = []
+    """Result documents from files, or from the rt-eval result files among the *.json under a
+    folder (sorted; other JSON files there are skipped). A file named twice is read once."""
+    files: list[tuple[Path, bool]] = []  # (file, named explicitly)
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(p.rglob("*.json")))
+            files.extend((f, False) for f in sorted(p.rglob("*.json")))
         elif p.is_file():
-            files.append(p)
+            files.append((p, True))
         else:
             raise ResultFileError(f"result file not found: {p}")
     docs = []
-    for f in files:
+    seen: set[Path] = set()
+    for f, explicit in files:
+        if f.resolve() in seen:  # named twice (e.g. a file and its folder)
+            continue
+        seen.add(f.resolve())
         try:
             doc = json.loads(f.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            if not explicit:
+                continue  # other JSON files in a results folder are not ours to judge
             raise ResultFileError(f"{f} is not an rt-eval result file (invalid JSON: {e})") from None
         if not isinstance(doc, dict) or doc.get("format") != RESULT_FORMAT:
+            if not explicit:
+                continue
             raise ResultFileError(f"{f} is not an rt-eval result file (no \"format\": "
                                   f"\"{RESULT_FORMAT}\")")
         if doc.get("format_version") != RESULT_FORMAT_VERSION or doc.get("kind") not in KINDS:
@@ -107,7 +116,7 @@ def load_results(paths) -> list[dict]:
         doc["_path"] = str(f)
         docs.append(doc)
     if not docs:
-        raise ResultFileError("no result files given")
+        raise ResultFileError(f"no rt-eval result files in {', '.join(map(str, paths))}")
     return docs
 
 
@@ -243,6 +252,7 @@ def plot_roc(curves, out_stem: str | Path, title: str = "ROC") -> list[Path]:
     ``(label, fpr, tpr)``. matplotlib is imported here only."""
     try:
         from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         raise MissingDependency("plotting ROC curves needs matplotlib: pip install matplotlib") from None
     fig = Figure(figsize=(6.0, 4.5))
@@ -257,14 +267,15 @@ def plot_roc(curves, out_stem: str | Path, title: str = "ROC") -> list[Path]:
             lo = min(lo, float(in_range.min()))
     ax.set_xscale("log")
     ax.set_xlim(FMR_TARGETS[0], FMR_TARGETS[-1])
-    ax.set_ylim(max(0.0, np.floor(lo * 10) / 10), 1.0)
+    ax.set_ylim(max(0.0, min(0.9, np.floor(lo * 10) / 10)), 1.0)
     ax.set_xticks(FMR_TARGETS)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # unlabelled minor ticks: faster, cleaner
     ax.grid(linestyle="--", linewidth=0.6)
     ax.set_xlabel("False match rate")
     ax.set_ylabel("True accept rate")
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -304,7 +315,7 @@ def write_report(result_paths, out_dir: str | Path, *, plots: bool = True) -> li
         for conv, meaning in CONVENTIONS.items():
             rows = ijb_table(docs, ds, conv)
             md += [f"## Table 3: {title} 1:1 TAR (%) at FMR, convention `{conv}`", "",
-                   f"Convention `{conv}`: {meaning}. AUC from the full ROC.", "",
+                   f"Convention `{conv}`: {meaning}. AUC = area under the ROC curve.", "",
                    markdown_table(rows, ijb_columns(), "training data"), ""]
             p = out_dir / f"table3_{ds.lower()}_{conv}.csv"
             p.write_text(csv_table(rows, ijb_columns(), "training data"))

@@ -112,8 +112,8 @@ def test_roc_curve_matches_sklearn(drop):
 
 def test_tar_at_fmr_conventions_against_references():
     rng = np.random.default_rng(1)
-    labels = (rng.random(200_000) < 0.02).astype(int)
-    scores = np.round(rng.normal(size=labels.size) + 2.5 * labels, 3)
+    labels = (rng.random(40_000) < 0.05).astype(int)
+    scores = np.round(rng.normal(size=labels.size) + 2.5 * labels, 2)
     doc = roc.evaluate_scores(labels, scores)
     # insightface: flip sklearn's curve, take the first (= largest TPR) point nearest in FPR.
     fpr, tpr, _ = sklearn_metrics.roc_curve(labels, scores)
@@ -320,6 +320,32 @@ def test_plain_insightface_onnx_is_a_recognizer(checkpoint, bin_file, tmp_path):
     views = emb.embed(8, lambda i: verification.decode_image(vset.images[i]), flip=False)
     rgb = np.stack([verification.decode_image(d) for d in vset.images[:8]])
     np.testing.assert_allclose(views[0], _run_model(checkpoint, rgb), rtol=1e-4, atol=1e-4)
+
+
+def test_insightface_onnx_contract_from_graph():
+    """Model-zoo graphs that normalise themselves (Sub and Mul first) take raw [0, 255]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from rtkit.eval.embed import insightface_onnx_spec
+
+    def graph(first_ops):
+        nodes, prev = [], "data"
+        for i, op in enumerate(first_ops):
+            nodes.append(helper.make_node(op, [prev, f"c{i}"], [f"t{i}"], name=f"{op}_{i}"))
+            prev = f"t{i}"
+        nodes.append(helper.make_node("Flatten", [prev], ["fc1"], name="flatten"))
+        consts = [helper.make_tensor(f"c{i}", TensorProto.FLOAT, [], [1.0]) for i in range(len(first_ops))]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["n", 3, 112, 112])],
+                              [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, ["n", 37632])], consts)
+        return helper.make_model(g)
+
+    spec, name = insightface_onnx_spec(graph(["Sub", "Mul"]))
+    assert spec.value_range == (0.0, 255.0) and name == "data" and spec.input_size == (112, 112)
+    spec, _ = insightface_onnx_spec(graph(["Add"]))
+    assert spec.value_range == (-1.0, 1.0) and spec.channels == "RGB" and spec.task == "embed"
+    assert spec.output_dim == 37632
+    onnx.checker.check_model(graph(["Sub", "Mul"]))
 
 
 def test_translator_is_refused_as_recognizer():
@@ -555,6 +581,11 @@ def test_report_rejects_other_files(tmp_path):
     p.write_text("{not json")
     with pytest.raises(RtkitError, match="invalid JSON"):
         report.load_results([p])
+    with pytest.raises(RtkitError, match="no rt-eval result files"):
+        report.load_results([tmp_path])  # a folder: foreign JSON skipped, nothing left
+    good = _fake_result(tmp_path, "verification", "x", "1", {"lfw": 0.9})
+    docs = report.load_results([tmp_path, good])  # named twice: read once
+    assert [d["label"] for d in docs] == ["x"]
 
 
 # -- CLI ----------------------------------------------------------------------------------------
@@ -575,20 +606,27 @@ def test_cli_verify_make_bin_report(bin_file, checkpoint, tmp_path):
 
     _, images, pairs = bin_file
     runner = CliRunner()
-    out_bin = tmp_path / "cfp_fp.bin"
-    res = runner.invoke(main, ["make-bin", str(images), str(pairs), str(out_bin)])
+    bins = tmp_path / "bins"
+    res = runner.invoke(main, ["make-bin", str(images), str(pairs), str(bins / "lfw.bin")])
     assert res.exit_code == 0 and "20 pairs" in res.output, res.output
+    for name in verification.BENCHMARKS[1:]:  # same content: one embedding run, then cache hits
+        (bins / f"{name}.bin").write_bytes((bins / "lfw.bin").read_bytes())
     result = tmp_path / "res.json"
     res = runner.invoke(main, ["verify", "-e", RECOGNIZER, "--checkpoint", str(checkpoint),
-                               "--bin", str(out_bin), "--out", str(result), "--label", "demo",
+                               "--bin", str(bins), "--out", str(result), "--label", "demo",
                                "--run", "1", "--cache-dir", str(tmp_path / "c"), "-q"])
     assert res.exit_code == 0, res.output
-    assert "cfp_fp" in res.output
+    assert "agedb_30" in res.output and "five benchmarks" in res.output
     doc = json.loads(result.read_text())
-    assert doc["label"] == "demo" and doc["run"] == "1" and "cfp_fp" in doc["benchmarks"]
+    assert doc["label"] == "demo" and doc["run"] == "1"
+    assert list(doc["benchmarks"]) == list(verification.BENCHMARKS)
+    assert doc["average"] == pytest.approx(doc["benchmarks"]["lfw"]["accuracy"])
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
     res = runner.invoke(main, ["report", str(result), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
-    assert "| demo | 1 |" in (tmp_path / "rep" / "report.md").read_text()
+    avg = f"{100 * doc['average']:.2f}"
+    assert f"| demo | 1 | {avg} | {avg} | {avg} | {avg} | {avg} | {avg} |" in \
+        (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_cli_user_errors_are_one_line(tmp_path, ijbc_root, checkpoint):
