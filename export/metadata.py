@@ -6,11 +6,13 @@ JSON under metadata_props key ``rtkit``. ``rt-convert --engine X.plan`` needs no
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rtkit.engines.errors import EngineError
 from rtkit.engines.spec import ModelSpec
 
 FORMAT_VERSION = 1
@@ -86,7 +88,9 @@ def sidecar_path(engine_path: str | Path) -> Path:
 
 def write_sidecar(engine_path: str | Path, meta: EngineMeta) -> Path:
     p = sidecar_path(engine_path)
-    p.write_text(meta.to_json() + "\n")
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.part")
+    tmp.write_text(meta.to_json() + "\n")
+    os.replace(tmp, p)  # never a half-written sidecar beside an engine
     return p
 
 
@@ -98,14 +102,23 @@ def read_metadata(engine_path: str | Path) -> EngineMeta:
         try:
             return EngineMeta.from_json(side.read_text())
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"engine metadata {side} is invalid ({e}); re-export the engine "
-                             f"with rt-export") from None
+            raise EngineError(f"engine metadata {side} is invalid ({e}); re-export the engine "
+                              f"with rt-export") from None
     if engine_path.suffix == ".onnx" and engine_path.is_file():
         import onnx
-        m = onnx.load(str(engine_path), load_external_data=False)
+        try:
+            m = onnx.load(str(engine_path), load_external_data=False)
+        except Exception as e:  # protobuf DecodeError and friends: a truncated or foreign file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EngineError(f"{engine_path} is not a readable ONNX file ({first}); re-export "
+                              f"it with rt-export") from None
         for p in m.metadata_props:
             if p.key == METADATA_KEY:
-                return EngineMeta.from_json(p.value)
+                try:
+                    return EngineMeta.from_json(p.value)
+                except (ValueError, KeyError, TypeError) as e:
+                    raise EngineError(f"{engine_path}: embedded engine metadata is invalid ({e}); "
+                                      f"re-export the engine with rt-export") from None
     raise FileNotFoundError(f"no engine metadata for {engine_path}: expected {side} beside it "
                             f"(rt-export writes it)")
 

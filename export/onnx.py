@@ -1,0 +1,505 @@
+"""torch -> ONNX: one export function that checks itself.
+
+``to_onnx`` puts a registered model (or a built one) in eval mode, traces it with named inputs
+(``input`` plus the model's runtime inputs, e.g. CodeFormer ``w``, UNSB ``t`` and ``z``) and one
+named output (``output``, or ``embedding`` for recognizers), makes the batch axis dynamic (and
+H/W for fully convolutional models), optionally types the graph in fp16, runs onnx.checker,
+writes the engine metadata twice (sidecar ``X.json`` and metadata_props key ``rtkit``) and
+finally compares ONNX Runtime with PyTorch (``check_parity``), refusing to leave an engine
+that does not match.
+
+Export protocol
+---------------
+Most models export as they are: ``forward(input, **extra_inputs)`` with one image input whose
+size is ``spec.input_size``. A model whose forward is not what the engine should run defines
+one or both of these methods:
+
+``export_module() -> nn.Module``
+    The module to trace instead of the model, called as ``module(input, **extras)``; e.g. one
+    UNSB sampling step ``G(x_t, t, z)`` (the runtime loops over steps) or one DDIM UNet
+    evaluation. If it returns a tuple, the first element is the engine's output.
+``export_inputs(batch: int) -> dict[str, Tensor]``
+    Example inputs for a batch of ``batch``: key ``"input"`` (the image) first, then every other
+    graph input by name. Values may be random (draw them from torch's global generator, so
+    ``check_parity`` can seed them). An input whose first dimension follows ``batch`` gets a
+    dynamic batch axis; others keep their shape (e.g. a scalar ``t`` as shape ``(1,)``).
+
+Defaults when a model does not define them: the model itself, and an image uniformly drawn in
+``spec.value_range`` of size ``spec.input_size`` (fully convolutional models, input_size None:
+64x64 rounded up to ``spec.size_multiple``, with dynamic H/W axes), plus each
+``spec.extra_inputs`` default as a shape-``(1,)`` tensor.
+
+insightface compatibility (recognizers)
+---------------------------------------
+insightface's ``model_zoo.get_model(path)`` routes a single-input ONNX with a square input of
+at least 112 (a multiple of 16) and one output to ``ArcFaceONNX``. That class picks its input
+normalisation from the graph: if one of the first 8 nodes is named ``Sub*``/``_minus*`` and
+one ``Mul*``/``_mul*`` it assumes normalisation is inside the graph and feeds raw 0..255
+pixels; otherwise it feeds ``(pixel - 127.5) / 127.5``, RGB. Our recognizers take RGB in
+[-1, 1] (normalisation outside the graph), so the exporter keeps those node names away from the
+start of the graph and embed engines load there as ArcFace models with the right scaling.
+A model whose spec says BGR (AdaFace) can be exported with ``input_channels="RGB"``: the graph
+then flips channels at its input and its metadata says RGB.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from rtkit.engines.errors import EngineError, optional_import
+from rtkit.engines.spec import ModelSpec
+from rtkit.export.metadata import METADATA_KEY, EngineMeta, current_build_info, write_sidecar
+
+PRECISIONS = ("fp32", "fp16")
+EXPORT_BATCH = 2          # traced batch; parity runs a different one so a baked-in batch shows
+DEFAULT_SIDE = 64         # traced H/W for fully convolutional models
+INPUT_NAME = "input"
+# Node-name prefixes that make insightface assume in-graph normalisation (see module docstring).
+_INSIGHTFACE_NORM_PREFIXES = ("Sub", "_minus", "Mul", "_mul")
+
+
+def output_name_for(spec: ModelSpec) -> str:
+    return "embedding" if spec.task == "embed" else "output"
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / max(1, multiple)) * max(1, multiple))
+
+
+def default_image_size(spec: ModelSpec, side: int = DEFAULT_SIDE) -> tuple[int, int]:
+    """(H, W) of example images: the spec's size, else ``side`` rounded up to size_multiple."""
+    if spec.input_size:
+        return tuple(spec.input_size)
+    s = _round_up(side, spec.size_multiple)
+    return s, s
+
+
+def _example_extra(name: str, default, batch: int) -> torch.Tensor:
+    """Example value of one runtime input from its spec default (see the module docstring)."""
+    if isinstance(default, Mapping):
+        # Descriptor form: {"dtype": "float32"|"int64", "shape": ["batch", 256], "default": v}.
+        is_int = "int" in str(default.get("dtype", "float32"))
+        dtype = torch.int64 if is_int else torch.float32
+        shape = [batch if d == "batch" else int(d) for d in default.get("shape", [1])]
+        if default.get("default") is not None:
+            return torch.full(shape, default["default"], dtype=dtype)
+        return torch.zeros(shape, dtype=dtype) if is_int else torch.randn(shape)
+    if default is None or isinstance(default, str):
+        raise EngineError(f"extra input {name!r} has no numeric default ({default!r}); the "
+                          f"model must define export_inputs(batch) to be exported")
+    t = torch.as_tensor(default)
+    t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.int64)
+    return t.reshape(1) if t.ndim == 0 else t
+
+
+def default_export_inputs(spec: ModelSpec, batch: int, size: tuple[int, int] | None = None
+                          ) -> dict[str, torch.Tensor]:
+    """An image uniform in the spec's value range plus each extra input's default."""
+    h, w = size or default_image_size(spec)
+    lo, hi = spec.value_range
+    inputs = {INPUT_NAME: torch.rand(batch, 3, h, w) * (hi - lo) + lo}
+    for name, default in spec.extra_inputs.items():
+        inputs[name] = _example_extra(name, default, batch)
+    return inputs
+
+
+def export_target(model: nn.Module) -> nn.Module:
+    """The module the graph runs: ``model.export_module()`` if defined, else the model."""
+    return model.export_module() if hasattr(model, "export_module") else model
+
+
+def export_spec(model: nn.Module) -> ModelSpec:
+    """The engine's spec: the export module's own ``spec`` if it has one, else the model's."""
+    spec = getattr(export_target(model), "spec", None)
+    return spec if isinstance(spec, ModelSpec) else model.spec
+
+
+def export_inputs(model: nn.Module, batch: int, size: tuple[int, int] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Example inputs by graph input name: the model's ``export_inputs`` or the defaults."""
+    if hasattr(model, "export_inputs"):
+        inputs = dict(model.export_inputs(batch))
+        if INPUT_NAME not in inputs:
+            raise EngineError(f"{type(model).__name__}.export_inputs() must return the image "
+                              f"under key {INPUT_NAME!r}, got {sorted(inputs)}")
+        # "input" first: the graph's input order is the dict order.
+        return {INPUT_NAME: inputs.pop(INPUT_NAME), **inputs}
+    return default_export_inputs(export_spec(model), batch, size)
+
+
+class ExportGraph(nn.Module):
+    """Exactly what goes into the graph: the export module called with named inputs in a fixed
+    positional order, first output only, and an optional channel flip at the input."""
+
+    def __init__(self, module: nn.Module, extra_names: list[str], flip_channels: bool = False):
+        super().__init__()
+        self.module = module
+        self.extra_names = list(extra_names)
+        self.flip_channels = flip_channels
+
+    def forward(self, image, *extras):
+        if self.flip_channels:
+            image = image.flip(1)
+        y = self.module(image, **dict(zip(self.extra_names, extras)))
+        if isinstance(y, (tuple, list)):
+            y = y[0]
+        return y
+
+
+def export_graph(model: nn.Module, input_names: list[str], flip_channels: bool = False
+                 ) -> ExportGraph:
+    module = export_target(model)
+    return ExportGraph(module, [n for n in input_names if n != INPUT_NAME], flip_channels).eval()
+
+
+def resolve_model(model_or_name: nn.Module | str, checkpoint: str | Path | None = None
+                  ) -> tuple[nn.Module, str, str | None]:
+    """(model in eval mode, registry name, sha256 of its weights file or None)."""
+    from rtkit.engines import registry
+    from rtkit.engines.checkpoint import file_sha256
+
+    if isinstance(model_or_name, nn.Module):
+        model = model_or_name
+        if not isinstance(getattr(model, "spec", None), ModelSpec):
+            raise EngineError(f"{type(model).__name__} has no .spec (ModelSpec); build it with "
+                              f"rtkit.engines.create(name) or set model.spec")
+        name = getattr(model, "registry_name", type(model).__name__)
+        sha = file_sha256(checkpoint) if checkpoint else None
+        return model.eval(), name, sha
+    name = str(model_or_name)
+    try:
+        entry = registry.get_entry(name)
+    except KeyError:
+        raise EngineError(f"unknown model {name!r}; see rt-export --list") from None
+    model = registry.create(name, checkpoint=checkpoint)
+    ckpt = checkpoint if checkpoint is not None else entry.default_checkpoint
+    return model, name, (file_sha256(ckpt) if ckpt else None)
+
+
+def _check_traceable(target: nn.Module, extra_names: list[str], name: str) -> None:
+    """Refuse early when forward declares a runtime input as a Python number.
+
+    Tracing turns ``int(steps)`` or ``range(nfe)`` into constants: the engine would silently
+    ignore the input (and tracing a whole sampler loop can take minutes). Such models export a
+    single step through ``export_module()``.
+    """
+    try:
+        params = inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return
+    numeric = []
+    for extra in extra_names:
+        p = params.get(extra)
+        if p is None or p.annotation is inspect.Parameter.empty:
+            continue
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
+        if "Tensor" not in ann and any(t in ann for t in ("int", "float", "bool")):
+            numeric.append(f"{extra}: {ann}")
+    if numeric:
+        raise EngineError(f"{name}: forward takes {', '.join(numeric)} as Python numbers, which "
+                          f"tracing would bake into the graph; the model needs export_module() "
+                          f"(e.g. one sampling step with tensor inputs; see rtkit.export.onnx)")
+
+
+def _batch_profile(batch) -> dict[str, int]:
+    if isinstance(batch, dict):
+        b = (batch["min"], batch["opt"], batch["max"])
+    else:
+        b = tuple(int(v) for v in batch)
+    if len(b) != 3 or not (1 <= b[0] <= b[1] <= b[2]):
+        raise EngineError(f"batch profile must be min:opt:max with 1 <= min <= opt <= max, got {b}")
+    return {"min": b[0], "opt": b[1], "max": b[2]}
+
+
+def _dynamic_axes(model: nn.Module, inputs: dict[str, torch.Tensor], out_name: str) -> dict:
+    """Batch axis 0 everywhere it follows the batch (found by asking for a second batch size),
+    plus H/W for fully convolutional models."""
+    spec = export_spec(model)
+    spatial = spec.input_size is None
+    axes = {INPUT_NAME: {0: "batch", **({2: "height", 3: "width"} if spatial else {})},
+            out_name: {0: "batch"}}
+    if spatial and spec.task != "embed":
+        axes[out_name].update({2: "height", 3: "width"})
+    other = export_inputs(model, EXPORT_BATCH + 1) if len(inputs) > 1 else inputs
+    for name, t in inputs.items():
+        if name == INPUT_NAME or t.ndim == 0:
+            continue
+        if t.shape[0] == EXPORT_BATCH and other[name].shape[0] == EXPORT_BATCH + 1:
+            axes[name] = {0: "batch"}
+    return axes
+
+
+def _trace_to_file(graph: ExportGraph, inputs: dict, path: Path, out_name: str, axes: dict,
+                   opset: int, name: str) -> tuple:
+    """Trace ``graph`` to ``path``; return the traced output's shape."""
+    kwargs = {}
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        # The TorchScript tracer needs no extra package (the dynamo exporter needs onnxscript)
+        # and handles dynamic_axes for every model here; torch warns that it is deprecated.
+        kwargs["dynamo"] = False
+    args = tuple(inputs.values())
+    with warnings.catch_warnings(), _quiet_exporter_log():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)  # exporter shape-inference chatter
+        with torch.no_grad():
+            traced_shape = tuple(graph(*args).shape)
+            try:
+                torch.onnx.export(graph, args, str(path), input_names=list(inputs),
+                                  output_names=[out_name], dynamic_axes=axes, opset_version=opset,
+                                  do_constant_folding=True, **kwargs)
+            except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
+                # The exporter's messages embed the whole TorchScript graph: keep the first line.
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first.split("  [Caused by")[0][:300]
+                raise EngineError(f"torch.onnx cannot export {name}: {first}") from e
+    return traced_shape
+
+
+@contextlib.contextmanager
+def _quiet_exporter_log():
+    """Mute the TorchScript exporter's debug log for the duration of an export.
+
+    torch's ``setup_onnx_logging`` tests the function ``_jit_is_onnx_log_enabled`` instead of
+    its value, so the log is always on and a failed export dumps the whole IR graph (thousands
+    of lines) to stderr before the one-line error we raise.
+    """
+    original = getattr(torch._C, "_jit_onnx_log", None)
+    if original is None:
+        yield
+        return
+    torch._C._jit_onnx_log = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        torch._C._jit_onnx_log = original
+
+
+def _set_output_shape(model_proto, out_name: str, traced_shape: tuple, dynamic: dict) -> None:
+    """Declare the output's static dims (the tracer sometimes names them after other axes)."""
+    for out in model_proto.graph.output:
+        if out.name != out_name:
+            continue
+        dims = out.type.tensor_type.shape.dim
+        del dims[:]
+        for axis, size in enumerate(traced_shape):
+            d = dims.add()
+            if axis in dynamic:
+                d.dim_param = dynamic[axis]
+            else:
+                d.dim_value = int(size)
+
+
+def _check_inputs_kept(model_proto, input_names: list[str], name: str) -> None:
+    """Every example input must be a graph input that reaches the output.
+
+    The tracer drops inputs the output does not depend on: either the model ignores them, or
+    tracing baked their example value in (Python int()/float()/if on a sampler setting such as
+    steps or seed), which would give an engine that silently ignores them.
+    """
+    graph_inputs = {i.name for i in model_proto.graph.input}
+    used = {i for node in model_proto.graph.node for i in node.input}
+    used |= {o.name for o in model_proto.graph.output}
+    lost = [n for n in input_names if n not in graph_inputs or n not in used]
+    if lost:
+        raise EngineError(f"{name}: input(s) {', '.join(map(repr, lost))} do not reach the exported "
+                          f"graph's output (baked in by tracing, or unused); the model needs an "
+                          f"export_module() whose forward uses them as tensors (see rtkit.export.onnx)")
+
+
+def _keep_insightface_scaling(model_proto) -> None:
+    """Rename early nodes whose names insightface reads as in-graph normalisation."""
+    for node in model_proto.graph.node[:8]:
+        if node.name.startswith(_INSIGHTFACE_NORM_PREFIXES):
+            node.name = "/" + node.name
+
+
+def to_fp16(model_proto, keep_io_types: bool = True):
+    """Type the graph in fp16 (onnxconverter-common), keeping fp32 inputs/outputs if asked."""
+    float16 = optional_import("onnxconverter_common.float16", extra="gpu",
+                              purpose="an fp16 ONNX export", package="onnxconverter-common")
+    from onnx import TensorProto
+
+    float_io = {v.name for v in list(model_proto.graph.input) + list(model_proto.graph.output)
+                if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "values truncated to fp16 range"
+        # The converter's own keep_io_types pairs its input casts with the graph's Cast(to=float)
+        # nodes and deletes both, leaving fp32 tensors in fp16 arithmetic; we add the IO casts.
+        converted = float16.convert_float_to_float16(model_proto, keep_io_types=False)
+    _retarget_float_casts(converted)
+    if keep_io_types:
+        _cast_io_to_float(converted, float_io)
+    return converted
+
+
+def _cast_io_to_float(model_proto, names: set[str]) -> None:
+    """fp32 graph inputs/outputs around an fp16 graph: a Cast after each input, before each output."""
+    from onnx import TensorProto, helper
+
+    g = model_proto.graph
+
+    def rename_uses(old: str, new: str, *, outputs: bool) -> None:
+        for node in g.node:
+            ports = node.output if outputs else node.input
+            for i, name in enumerate(ports):
+                if name == old:
+                    ports[i] = new
+
+    head, tail = [], []
+    for inp in g.input:
+        if inp.name in names and inp.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            half = inp.name + "_fp16"
+            rename_uses(inp.name, half, outputs=False)
+            head.append(helper.make_node("Cast", [inp.name], [half], to=TensorProto.FLOAT16,
+                                         name=f"/rtkit/{inp.name}_to_fp16"))
+            inp.type.tensor_type.elem_type = TensorProto.FLOAT
+    for out in g.output:
+        if out.name in names and out.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            half = out.name + "_fp16"
+            rename_uses(out.name, half, outputs=True)
+            rename_uses(out.name, half, outputs=False)
+            tail.append(helper.make_node("Cast", [half], [out.name], to=TensorProto.FLOAT,
+                                         name=f"/rtkit/{out.name}_to_fp32"))
+            out.type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = head + list(g.node) + tail
+    del g.node[:]
+    g.node.extend(nodes)
+
+
+def _retarget_float_casts(model_proto) -> None:
+    """Make ``Cast(to=float)`` nodes cast to fp16 where the converted graph expects fp16.
+
+    The converter retypes every tensor annotation to fp16 but leaves Cast targets alone, so a
+    traced ``w.to(x.dtype)`` or ``t.float()`` still produces fp32 into fp16 arithmetic and ONNX
+    Runtime refuses the graph ("Type (tensor(float16)) ... does not match expected type").
+    """
+    from onnx import TensorProto
+
+    declared = {v.name: v.type.tensor_type.elem_type
+                for v in list(model_proto.graph.value_info) + list(model_proto.graph.output)}
+    for node in model_proto.graph.node:
+        if node.op_type != "Cast" or declared.get(node.output[0]) != TensorProto.FLOAT16:
+            continue
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
+
+
+def set_metadata_props(model_proto, meta: EngineMeta) -> None:
+    for p in list(model_proto.metadata_props):
+        if p.key == METADATA_KEY:
+            model_proto.metadata_props.remove(p)
+    entry = model_proto.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = meta.to_json()
+
+
+def _save(model_proto, path: Path, name: str) -> None:
+    import onnx
+
+    size = sum(t.ByteSize() for t in model_proto.graph.initializer)
+    if size > (1 << 31) - (1 << 26):
+        # Protobuf holds at most 2 GiB; no exported translator or recognizer comes close.
+        raise EngineError(f"{name} has {size / 2**30:.1f} GiB of weights: ONNX files over 2 GiB "
+                          f"(external data) are not supported by this exporter")
+    onnx.save_model(model_proto, str(path))
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
+            checkpoint: str | Path | None = None, precision: str = "fp32",
+            keep_io_types: bool = True, opset: int = 17, batch=(1, 8, 64),
+            input_channels: str | None = None, parity: bool = True, tol=None,
+            log: Callable[[str], None] | None = print) -> Path:
+    """Export a model to ONNX with its engine metadata; return the .onnx path.
+
+    model_or_name: a registered name (built with ``checkpoint``, else its bundled weights) or a
+        module from ``rtkit.engines.create`` (``checkpoint`` is then only recorded by sha256).
+    precision: "fp32", or "fp16" (graph typed in fp16; inputs/outputs stay fp32 unless
+        ``keep_io_types=False``).
+    batch: (min, opt, max) batch profile recorded for the TensorRT build; the ONNX batch axis
+        is dynamic regardless.
+    input_channels: "RGB"/"BGR" to make the engine take another channel order than the model
+        (the graph flips channels first); None keeps the spec's.
+    parity: compare ONNX Runtime with PyTorch on seeded inputs; on failure the files are removed
+        and EngineError says by how much (``tol`` overrides the default tolerance).
+    log: where the parity report goes (None: nowhere).
+    """
+    import onnx
+
+    if precision not in PRECISIONS:
+        raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    profile = _batch_profile(batch)
+    out_path = Path(out_path)
+    if out_path.suffix != ".onnx":
+        raise EngineError(f"ONNX output must end in .onnx, got {out_path}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model, name, sha = resolve_model(model_or_name, checkpoint)
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).float().cpu()  # trace in fp32 on CPU; leave the caller's as is
+    model.eval()
+    spec = export_spec(model)
+    if input_channels not in (None, "RGB", "BGR"):
+        raise EngineError(f"input_channels must be RGB or BGR, got {input_channels!r}")
+    flip = input_channels is not None and input_channels != spec.channels
+    engine_spec = ModelSpec.from_dict({**spec.to_dict(), "channels": input_channels or spec.channels})
+
+    _check_traceable(export_target(model), list(spec.extra_inputs), name)
+    inputs = export_inputs(model, EXPORT_BATCH)
+    out_name = output_name_for(spec)
+    graph = export_graph(model, list(inputs), flip)
+    axes = _dynamic_axes(model, inputs, out_name)
+
+    tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.part.onnx")
+    try:
+        traced_shape = _trace_to_file(graph, inputs, tmp, out_name, axes, opset, name)
+        proto = onnx.load(str(tmp))
+        _set_output_shape(proto, out_name, traced_shape, axes[out_name])
+        _check_inputs_kept(proto, list(inputs), name)
+        build = {"opset": opset, "exporter": "torch.onnx (TorchScript tracer)", "onnx": onnx.__version__}
+        if precision == "fp16":
+            proto = to_fp16(proto, keep_io_types)
+            from importlib.metadata import version
+            build["onnxconverter_common"] = version("onnxconverter-common")
+        if spec.task == "embed":
+            _keep_insightface_scaling(proto)
+        in_dtype = "float16" if precision == "fp16" and not keep_io_types else "float32"
+        meta = EngineMeta(model=name, spec=engine_spec, input_name=INPUT_NAME, output_names=[out_name],
+                          dtype=in_dtype, precision=precision, batch=profile, checkpoint_sha256=sha,
+                          built_with=current_build_info(**build))
+        set_metadata_props(proto, meta)
+        _save(proto, tmp, name)
+        onnx.checker.check_model(str(tmp))
+        os.replace(tmp, out_path)
+    finally:
+        _remove(tmp)
+    write_sidecar(out_path, meta)
+
+    if parity:
+        from rtkit.export.parity import check_parity
+
+        report = check_parity(model, out_path, tol=tol)
+        if log is not None:
+            log(report.format())
+        if not report.passed:
+            _remove(out_path, out_path.with_suffix(".json"))
+            raise EngineError(f"{out_path.name}: {report.failure_line()}; the files were removed "
+                              f"(export with parity off, --no-parity, to keep and inspect them)")
+    return out_path
