@@ -147,9 +147,32 @@ def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, (hw[1], hw[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+SOURCE_ALIGNMENT = "arcface112"  # DigiFace and the sample set are ArcFace-aligned crops
+
+
+def _template_warp(img: np.ndarray, src_alignment: str, dst_alignment: str,
+                   out_hw: tuple[int, int]) -> np.ndarray:
+    """Similarity warp between two alignment templates (e.g. ArcFace-112 -> FFHQ-512)."""
+    from rtkit.engines.align import template_transform
+
+    m = template_transform(src_alignment, img.shape[0], dst_alignment, out_hw[0])
+    shrink = out_hw[0] < img.shape[0]
+    return cv2.warpAffine(img, m.astype(np.float64), (out_hw[1], out_hw[0]),
+                          flags=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT_101)
+
+
 def preprocess(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """HxWx3 uint8 RGB -> 3xHxW float32 in the spec's range, channel order and size."""
-    img = _resize(rgb, model_input_size(spec, *rgb.shape[:2]))
+    """HxWx3 uint8 RGB -> 3xHxW float32 in the spec's range, channel order and size.
+
+    Resize policy "warp" re-aligns the (ArcFace-aligned) source to the model's template, e.g.
+    to FFHQ-512 for CodeFormer, where a plain resize would give a face ~28% too large.
+    """
+    hw = model_input_size(spec, *rgb.shape[:2])
+    if spec.resize == "warp" and spec.alignment != SOURCE_ALIGNMENT:
+        img = _template_warp(rgb, SOURCE_ALIGNMENT, spec.alignment, hw)
+    else:
+        img = _resize(rgb, hw)
     if spec.channels == "BGR":
         img = img[:, :, ::-1]
     lo, hi = spec.value_range
@@ -166,6 +189,8 @@ def postprocess(y: np.ndarray, spec: ModelSpec, out_hw: tuple[int, int]) -> np.n
     img = np.clip(np.rint(img), 0, 255).astype(np.uint8).transpose(1, 2, 0)
     if spec.channels == "BGR":
         img = img[:, :, ::-1]
+    if spec.resize == "warp" and spec.alignment != SOURCE_ALIGNMENT:
+        return np.ascontiguousarray(_template_warp(img, spec.alignment, SOURCE_ALIGNMENT, out_hw))
     return np.ascontiguousarray(_resize(img, out_hw))
 
 
