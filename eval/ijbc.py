@@ -197,11 +197,11 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         sign[-1] = -1.0  # a reflection fits better; take the best proper rotation instead
     rank = np.linalg.matrix_rank(cov)
     if rank == 0:
-        raise BenchmarkError("landmarks are degenerate (all points coincide)")
-    if rank == dim - 1 and np.linalg.det(u) * np.linalg.det(vt) <= 0:
-        d = sign.copy()
-        d[-1] = -1.0
-        rot = u @ np.diag(d) @ vt
+        raise ValueError("degenerate points (all coincide)")
+    if rank == dim - 1:  # collinear points: the sign of det(cov) says nothing
+        flip = np.ones(dim)
+        flip[-1] = 1.0 if np.linalg.det(u) * np.linalg.det(vt) > 0 else -1.0
+        rot = u @ np.diag(flip) @ vt
     else:
         rot = u @ np.diag(sign) @ vt
     scale = (sing @ sign) / s0.var(0).sum()
@@ -213,7 +213,10 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def align_face(bgr: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
     """Warp a BGR image so its five landmarks land on the ArcFace template; returns RGB."""
-    m = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / ALIGNED_SIZE))
+    try:
+        m = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / ALIGNED_SIZE))
+    except ValueError:  # all landmarks at one point: nothing to align, the face is lost
+        return np.zeros((size, size, 3), dtype=np.uint8)
     img = cv2.warpAffine(bgr, m, (size, size), borderValue=0.0)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
