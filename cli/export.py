@@ -18,7 +18,8 @@ else.
 An ONNX export is compared with PyTorch through ONNX Runtime on seeded inputs (max/mean
 abs error, PSNR, the tolerance it would have needed) and refused if it differs by more
 than the tolerance: fp32 images 1e-4, fp32 embeddings 1e-3 (+1e-3 relative), fp16 images
-5e-2, fp16 embeddings 2e-2 (+2e-2 relative). --no-parity skips the check.
+5e-2, fp16 embeddings 2e-2 (+2e-2 relative). A plan is compared with ONNX Runtime on
+its ONNX the same way. --no-parity skips the checks.
 
 \b
 TensorRT plans are tied to the TensorRT version and GPU that built them; the runner says
@@ -121,7 +122,8 @@ def _target(to: str | None, out: Path) -> str:
               help="TensorRT builder workspace limit.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path),
               help="TensorRT timing cache file: loaded if it exists, saved after the build.")
-@click.option("--no-parity", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
+@click.option("--no-parity", is_flag=True, help="Skip the checks (ONNX Runtime vs PyTorch, "
+                                                "TensorRT vs ONNX Runtime).")
 @click.option("--list", "list_", is_flag=True, help="List registered models and exit.")
 @user_errors
 def main(model, out, to, checkpoint, fp16, fp16_io, batch, opset, channels, image_size,
@@ -152,7 +154,7 @@ def main(model, out, to, checkpoint, fp16, fp16_io, batch, opset, channels, imag
 
         to_plan(model, out, batch=batch, precision="fp16" if fp16 else None,
                 workspace_gb=workspace_gb, timing_cache=timing_cache, image_size=image_size,
-                log=click.echo)
+                parity=not no_parity, log=click.echo)
         return
 
     from rtkit.export.onnx import to_onnx
@@ -166,7 +168,8 @@ def main(model, out, to, checkpoint, fp16, fp16_io, batch, opset, channels, imag
         from rtkit.export.tensorrt import to_plan
 
         to_plan(onnx_out, out, batch=batch, precision=precision, workspace_gb=workspace_gb,
-                timing_cache=timing_cache, image_size=image_size, log=click.echo)
+                timing_cache=timing_cache, image_size=image_size, parity=not no_parity,
+                log=click.echo)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,40 @@ def check_parity(model: nn.Module | str, onnx_path: str | Path, inputs=None, *, 
     report.outputs.append(compare_output(out_names[0], ref, got[out_names[0]], tol, peak=peak,
                                          embedding=embedding))
     return report
+
+
+def check_plan_parity(plan_path: str | Path, onnx_path: str | Path, *, seed: int = 0,
+                      batch: int | None = None, image_size: tuple[int, int] | None = None,
+                      device: str = "cuda", tol: Tolerance | None = None) -> ParityReport:
+    """Compare a TensorRT plan with ONNX Runtime (CPU) on the ONNX it was built from.
+
+    The ONNX was itself checked against PyTorch when it was exported, so this closes the chain
+    torch -> ONNX -> plan. ``batch`` defaults to 3 clipped to the plan's profile.
+    """
+    from rtkit.export.metadata import read_metadata
+    from rtkit.export.onnx import default_export_inputs, default_image_size
+    from rtkit.runtime.runners import TensorRTRunner
+
+    plan_path, onnx_path = Path(plan_path), Path(onnx_path)
+    meta = read_metadata(plan_path)
+    spec = meta.spec
+    n = batch or min(max(PARITY_BATCH, meta.batch.get("min", 1)), meta.batch.get("max", PARITY_BATCH))
+    size = image_size or (None if spec.input_size else default_image_size(spec, PARITY_SIDE))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        feed = default_export_inputs(spec, n, size)
+    session = _ort_session(onnx_path)
+    graph_inputs = {i.name for i in session.get_inputs()}
+    feed = {k: v for k, v in feed.items() if k in graph_inputs}
+    ref = run_onnx(session, feed)[session.get_outputs()[0].name]
+    image = feed.pop(meta.input_name)
+    with TensorRTRunner(plan_path, device=device) as runner:
+        got = runner.infer(image, **feed).float().cpu().numpy()
+    tol = tol or default_tolerance(spec.task, meta.precision, spec.value_range)
+    embedding = spec.task == "embed"
+    peak = None if embedding else float(spec.value_range[1] - spec.value_range[0])
+    report = ParityReport(engine=plan_path.name, reference=f"ONNX Runtime {onnx_path.name}",
+                          precision=meta.precision, tolerance=tol, batch=n)
+    report.outputs.append(compare_output(meta.output_names[0], ref, got, tol, peak=peak,
+                                         embedding=embedding))
+    return report

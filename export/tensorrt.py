@@ -76,7 +76,7 @@ def _is_fp16_typed(onnx_path: Path) -> bool:
 
 def to_plan(onnx_path: str | Path, plan_path: str | Path, *, batch=None, precision: str | None = None,
             workspace_gb: float = 4.0, timing_cache: str | Path | None = None,
-            image_size: tuple[int, int] | None = None, device: int = 0,
+            image_size: tuple[int, int] | None = None, device: int = 0, parity: bool = True,
             log: Callable[[str], None] | None = print) -> Path:
     """Build a TensorRT plan from an rtkit ONNX engine; return the plan path.
 
@@ -87,6 +87,8 @@ def to_plan(onnx_path: str | Path, plan_path: str | Path, *, batch=None, precisi
         makes rebuilds of similar networks much faster.
     image_size: (H, W) of the profile for fully convolutional models (input_size None in the
         spec); default 112x112 rounded up to the model's size_multiple.
+    parity: run the plan against ONNX Runtime on the source ONNX (``check_plan_parity``); on
+        failure the plan is removed and EngineError says by how much.
     """
     from rtkit.export.onnx import PRECISIONS, _batch_profile, default_image_size
 
@@ -177,6 +179,18 @@ def to_plan(onnx_path: str | Path, plan_path: str | Path, *, batch=None, precisi
                            precision=precision, batch=profile,
                            checkpoint_sha256=meta.checkpoint_sha256, built_with=built)
     write_sidecar(plan_path, plan_meta)
+    if parity:
+        from rtkit.export.parity import check_plan_parity
+
+        report = check_plan_parity(plan_path, onnx_path, image_size=image_size,
+                                   device=f"cuda:{device}")
+        if log is not None:
+            log(report.format())
+        if not report.passed:
+            for p in (plan_path, plan_path.with_suffix(".json")):
+                p.unlink(missing_ok=True)
+            raise EngineError(f"{plan_path.name}: {report.failure_line()}; the plan was removed "
+                              f"(build with parity off, --no-parity, to keep it)")
     if log is not None:
         log(f"built {plan_path} ({precision}, batch {profile['min']}:{profile['opt']}:{profile['max']}, "
             f"TensorRT {trt.__version__}, compute capability {cc})")
