@@ -144,6 +144,11 @@ def main(model, out, to, checkpoint, fp16, fp16_io, batch, opset, channels, imag
         raise click.UsageError("--fp16-io needs --fp16")
     target = _target(to, out)
     precision = "fp16" if fp16 else "fp32"
+    if target == "plan":
+        from rtkit.engines.errors import optional_import
+
+        # Fail before a long ONNX export, not after it.
+        optional_import("tensorrt", extra="gpu", purpose="building a TensorRT plan")
 
     if model.endswith(".onnx"):
         if target != "plan":

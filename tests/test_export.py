@@ -276,6 +276,11 @@ def test_plan_without_tensorrt_is_one_line_missing_dependency(render_onnx, tmp_p
     with pytest.raises(MissingDependency) as err:
         to_plan(path, tmp_path / "r.plan")
     assert "\n" not in str(err.value) and "rtkit[gpu]" in str(err.value)
+    for args in ([str(path), "--to", "plan", str(tmp_path / "r.plan")],
+                 ["render2photo_tiny", "--to", "plan", str(tmp_path / "r2.plan")]):
+        res = CliRunner().invoke(rt_export, args)
+        assert res.exit_code == 1 and "tensorrt" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r2.onnx").exists()   # refused before exporting anything
 
 
 # --------------------------------------------------------------------------- recognizers
@@ -335,7 +340,7 @@ def test_cli_list_and_export(tmp_path):
     (["no_such_model", "x.onnx"], 1, "unknown model"),
     (["render2photo_tiny", "x.onnx", "--batch", "8:4:2"], 2, "MIN <= OPT <= MAX"),
     (["render2photo_tiny", "x.txt"], 1, "--to onnx|plan"),
-    (["missing.onnx", "--to", "plan", "x.plan"], 1, "missing.onnx"),
+    (["render2photo_tiny", "x.onnx", "--fp16-io"], 2, "--fp16-io needs --fp16"),
 ])
 def test_cli_user_errors_are_one_line(args, exit_code, text, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
