@@ -204,6 +204,7 @@ class DDIMInversionTranslator(nn.Module):
                 eta: float = 0.0, seed: int | Sequence[int] | torch.Tensor = 0,
                 inversion_steps: int | None = None) -> torch.Tensor:
         steps = int(steps)
+        inversion_steps = None if inversion_steps is None else int(inversion_steps)
         latent = self.invert(x, steps=steps, depth=float(depth), inversion_steps=inversion_steps)
         return self.regenerate(latent, steps=steps, depth=float(depth),
                                inversion_steps=inversion_steps, eta=float(eta), seed=seed)

@@ -137,7 +137,7 @@ def test_unsb_seeded_reproducibility_and_batching(unsb_tiny):
     # Seeding rule: batch of N with seed s == N single runs with seeds s, s+1, ...
     torch.testing.assert_close(a, singles, atol=1e-4, rtol=0)
     assert torch.equal(a, listed)
-    assert per_sample_seeds(5, 3) == [5, 6, 7]
+    assert per_sample_seeds(5, 3) == per_sample_seeds("5", 3) == [5, 6, 7]
     with pytest.raises(ValueError):
         per_sample_seeds([1, 2], 3)
 
@@ -221,6 +221,16 @@ def test_unsb_step_exports_with_x_t_z_inputs(unsb_tiny, tmp_path):
     y = sess.run(None, {"x": x.numpy(), "t": t.numpy(), "z": z.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(y, unsb_tiny.generator(x, t, z).numpy(), atol=1e-4)
+
+    # The runtime loop: the same seeded sampler around the engine reproduces the torch model
+    # (five steps compound the per-step ORT/torch rounding, hence the looser tolerance).
+    def engine_step(xt, t, z):
+        feed = {"x": xt.numpy(), "t": t.numpy(), "z": z.numpy()}
+        return torch.from_numpy(sess.run(None, feed)[0])
+
+    with torch.no_grad():
+        torch.testing.assert_close(sample(engine_step, x, seed=4, z_dim=unsb_tiny.generator.z_dim),
+                                   unsb_tiny(x, seed=4), atol=1e-3, rtol=0)
 
 
 @pytest.mark.slow
