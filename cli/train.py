@@ -139,3 +139,92 @@ def recognizer(data, same_identities, out, backbone, backbone_opts, backbone_che
                       if k.startswith("val_") and not k.endswith("_std"))
         click.echo(f"{s['steps']} steps ({s['epochs']:.2f} epochs), loss {s['first_loss']:.4f} -> "
                    f"{s['last_loss']:.4f}, {s['img_per_s']:.0f} img/s{val}; model card {s['model_card']}")
+
+
+# -- rt-train translator ----------------------------------------------------------------------
+
+@main.command("translator", context_settings={"show_default": True, "max_content_width": 100})
+@click.option("--method", required=True, type=click.Choice(["vsait", "decent", "unsb"]),
+              help="vsait: VSA hypervector GAN; decent: density-changing CUT-family GAN; unsb: "
+                   "Schrödinger bridge.")
+@click.option("--source", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Source-domain image tree (e.g. rendered faces); any layout, png/jpg/jpeg/webp/bmp.")
+@click.option("--target", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Target-domain image tree (e.g. real photos); unpaired with the source.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: weights/ (official-format generator + engine JSON), checkpoints/, "
+                   "samples/, log.csv, config.json.")
+@click.option("--generator", default=None,
+              help="Registered generator to train (default: the method's, e.g. vsait/decent/unsb; "
+                   "vsait_tiny/cut_tiny/unsb_tiny for quick tests).")
+@click.option("--generator-opt", "generator_opts", multiple=True, metavar="KEY=VALUE",
+              help="Generator builder override, e.g. ngf=32 (rtkit.engines.create then needs the same).")
+@click.option("--init", "generator_checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Start the generator from these weights instead of random init.")
+@click.option("--method-opt", "method_opts", multiple=True, metavar="KEY=VALUE",
+              help="Method hyper-parameter, e.g. lr_g=1e-4 vsa_weight=10 (vsait), lambda_var=0.01 "
+                   "(decent), lambda_sb=1 tau=0.01 (unsb); tuples as 0,4,8. Unknown keys list the valid ones.")
+@click.option("--steps", type=click.IntRange(min=1), default=200_000)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, help="Images per domain per step per process.")
+@click.option("--crop", "crop_size", type=click.IntRange(min=16), default=256,
+              help="Random crop size (multiple of 4); smaller images are scaled up first.")
+@click.option("--load-size", type=click.IntRange(min=16), default=None,
+              help="Resize every image to this square before cropping (CUT-family recipe: 286 for 256 crops).")
+@click.option("--no-flip", is_flag=True, help="No random horizontal flips.")
+@click.option("--features", "feature_weights", type=click.Path(exists=True, dir_okay=False),
+              help="VSAIT: local VGG19 weights with torchvision's key names (e.g. vgg19-dcbb9e9d.pth).")
+@click.option("--feature-net", type=click.Choice(["vgg19", "vgg19_tiny"]), default="vgg19",
+              help="VSAIT feature network (vgg19_tiny: 1/8 width, for tests).")
+@click.option("--random-features", is_flag=True,
+              help="VSAIT without a VGG19 file: the features are RANDOM (not the published recipe).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+              help="auto: bf16 (or fp16 with loss scaling) on GPU, fp32 on CPU.")
+@click.option("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK).")
+@click.option("--seed", type=int, default=0)
+@click.option("--workers", type=click.IntRange(min=0), default=4, help="Decode processes per training process.")
+@click.option("--save-every", type=click.IntRange(min=0), default=5000, help="Checkpoint every N steps (and at the end).")
+@click.option("--sample-every", type=click.IntRange(min=0), default=1000, help="Sample grid every N steps (0: never).")
+@click.option("--log-every", type=click.IntRange(min=1), default=100, help="Log to log.csv every N steps.")
+@click.option("--keep", type=click.IntRange(min=0), default=3, help="Checkpoints and step-numbered weights kept (0: all).")
+@click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[CKPT]",
+              help="Continue a run: alone, from the latest checkpoint in --out; or from the given "
+                   "checkpoint file or output folder.")
+@user_errors
+def translator(method, source, target, out, generator, generator_opts, generator_checkpoint, method_opts, steps,
+               batch_size, crop_size, load_size, no_flip, feature_weights, feature_net, random_features, precision,
+               device, seed, workers, save_every, sample_every, log_every, keep, resume):
+    """Train an unpaired image translator (VSAIT, DECENT or UNSB) on two image folders.
+
+    \b
+    VSAIT on 112x112 faces (needs VGG19 weights as a local file):
+      rt-train translator --method vsait --source DigiFace1M --target FFHQ112 --out runs/vsait \\
+          --features vgg19-dcbb9e9d.pth --crop 112
+    DECENT with the CUT-family recipe:
+      rt-train translator --method decent --source renders --target photos --out runs/decent --load-size 286
+    Several GPUs (batch size is per process):
+      torchrun --nproc-per-node 4 $(which rt-train) translator --method unsb ...
+
+    The generator is saved in its official format under OUT/weights with an engine JSON beside
+    it, so `rt-convert --engine OUT/weights/last.ckpt` (VSAIT) or `.../latest_net_G.pth`
+    (DECENT, UNSB) and `rt-export` use it directly.
+    """
+    import os
+
+    import torch
+
+    from rtkit.cli.common import parse_extra
+    from rtkit.train.translator import TranslatorConfig, train_translator
+
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
+    cfg = TranslatorConfig(
+        method=method, source=source, target=target, generator=generator,
+        generator_overrides=parse_extra(generator_opts), generator_checkpoint=generator_checkpoint,
+        options=parse_extra(method_opts), steps=steps, batch_size=batch_size, crop_size=crop_size,
+        load_size=load_size, flip=not no_flip, feature_net=feature_net, feature_weights=feature_weights,
+        random_features=random_features, precision=precision, device=device, seed=seed, workers=workers,
+        save_every=save_every, sample_every=sample_every, log_every=log_every, keep=keep)
+    s = train_translator(cfg, out, resume=resume, log=click.echo)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        click.echo(f"{method}: steps {s['start_step']} -> {s['final_step']} in {s['seconds']:.0f} s "
+                   f"({s['img_per_s']:.1f} img/s); generator {s['weights']}")
