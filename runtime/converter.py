@@ -240,6 +240,12 @@ def plan_job(src: Path, out: Path, opts: ConvertOptions) -> tuple[list[tuple[str
     return planned, skipped
 
 
+def path_seed(relpath: str, base: int = 0) -> int:
+    """A stable 31-bit seed for one file: the same on every run, machine and shard."""
+    h = hashlib.sha256(f"{base}:{relpath}".encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -402,6 +408,14 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
 
     errors: list[BaseException] = []
 
+    def per_image_inputs(items):
+        # A stochastic engine (UNSB, DDIM) draws its noise from a seed per image derived from the
+        # file's path, so an image's output does not depend on batching, sharding or resume.
+        if "seed" not in runner.extra:
+            return {}
+        base = int(runner.extra["seed"])
+        return {"seed": [path_seed(it.relpath, base) for it in items]}
+
     def infer_worker():
         while True:
             items = batch_q.get()
@@ -411,7 +425,7 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
                 continue  # a failed runner: drain without running
             t0 = time.perf_counter()
             try:
-                y = runner.infer(np.stack([it.x for it in items]))
+                y = runner.infer(np.stack([it.x for it in items]), **per_image_inputs(items))
             except BaseException as e:  # a runner failure is a bug or a broken engine: stop the run
                 errors.append(e)
                 stop.set()

@@ -131,6 +131,10 @@ class OnnxRunner(Runner):
 
     def _feed_extra(self, name, value):
         info = self.inputs[name]
+        if isinstance(value, dict):  # a descriptor {dtype, shape, default}: per-call input
+            if "default" not in value:
+                return None
+            value = value["default"]
         dt = {"tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32}.get(info.type, np.float32)
         arr = np.asarray(value, dtype=dt)
@@ -145,7 +149,11 @@ class OnnxRunner(Runner):
         feed = {self.meta.input_name: np.ascontiguousarray(x, dtype=self._np_dtype)}
         for k, v in {**self.extra, **extra}.items():
             if k in self.inputs:
-                feed[k] = self._feed_extra(k, v)
+                if isinstance(v, torch.Tensor):
+                    v = v.detach().cpu().numpy()
+                arr = self._feed_extra(k, v)
+                if arr is not None:
+                    feed[k] = arr
         y = self.session.run([self.output_name], feed)[0].astype(out_dtype, copy=False)
         return y if as_numpy else torch.from_numpy(y).to(batch.device)
 
@@ -206,7 +214,12 @@ class TensorRTRunner(Runner):
         feeds = {self.meta.input_name: x}
         for k, v in {**self.extra, **extra}.items():
             if k in self.input_names:
-                feeds[k] = torch.as_tensor(v).reshape(-1)
+                if isinstance(v, dict):  # a descriptor {dtype, shape, default}
+                    if "default" not in v:
+                        continue
+                    v = v["default"]
+                t = torch.as_tensor(v)
+                feeds[k] = t.reshape(1) if t.ndim == 0 else t
         stream = torch.cuda.current_stream(self.device)
         keep = []
         for name in self.input_names:
@@ -227,6 +240,59 @@ class TensorRTRunner(Runner):
         return y.to(batch.device)
 
 
+# Engines that export one network evaluation and need a sampling loop around it to translate:
+# model module -> its loop function, loop(step_fn, x, **runtime_inputs).
+_STEP_LOOPS = {"rtkit.engines.unsb": "sample"}
+
+
+def _step_loop_module(model: str) -> str | None:
+    from rtkit.engines.registry import get_entry
+
+    try:
+        mod = get_entry(model).builder.__module__
+    except KeyError:
+        return None
+    return mod if mod in _STEP_LOOPS else None
+
+
+class StepLoopRunner(Runner):
+    """Runs a multi-step translator from an engine of its single step (e.g. UNSB G(x, t, z)):
+    the loop, with its seeded noise, runs here, so ONNX/TensorRT engines give the same images as
+    the torch model."""
+
+    def __init__(self, step: Runner, extra: dict | None = None):
+        import importlib
+
+        from rtkit.engines.registry import get_entry
+
+        mod = _step_loop_module(step.meta.model)
+        self._loop = getattr(importlib.import_module(mod), _STEP_LOOPS[mod])
+        self.step = step
+        spec = get_entry(step.meta.model).spec
+        meta = EngineMeta(model=step.meta.model, spec=spec, precision=step.meta.precision,
+                          checkpoint_sha256=step.meta.checkpoint_sha256, built_with=step.meta.built_with)
+        super().__init__(meta, _sha256_text("loop", step.identity), extra)
+        self.backend = step.backend
+
+    def close(self):
+        self.step.close()
+
+    def infer(self, batch, **extra):
+        as_numpy = isinstance(batch, np.ndarray)
+        x = torch.from_numpy(batch) if as_numpy else batch
+
+        def step_fn(xt, t, z):
+            y = self.step.infer(xt.numpy() if as_numpy else xt, t=t, z=z)
+            return torch.from_numpy(y) if as_numpy else y
+
+        kwargs = {**self.extra, **extra}
+        z = self.step.meta.spec.extra_inputs.get("z")
+        if isinstance(z, dict) and len(z.get("shape", [])) == 2:
+            kwargs.setdefault("z_dim", int(z["shape"][1]))
+        y = self._loop(step_fn, x, **kwargs)
+        return y.numpy() if as_numpy else y
+
+
 def open_engine(engine: str | Path, *, device: str = "cpu", backend: str | None = None,
                 checkpoint: str | Path | None = None, precision: str = "fp32",
                 extra: dict | None = None, threads: int | None = None) -> Runner:
@@ -245,10 +311,10 @@ def open_engine(engine: str | Path, *, device: str = "cpu", backend: str | None 
             kind = "torch"
     if kind in ("onnxruntime", "ort", "onnx"):
         _need_file(p)
-        return OnnxRunner(p, device=device, extra=extra, threads=threads)
+        return _wrap_step(OnnxRunner(p, device=device, threads=threads), extra)
     if kind in ("tensorrt", "trt"):
         _need_file(p)
-        return TensorRTRunner(p, device=device, extra=extra)
+        return _wrap_step(TensorRTRunner(p, device=device), extra)
     if kind != "torch":
         raise EngineError(f"unknown backend {backend!r}; use torch, onnxruntime or tensorrt")
     from rtkit.engines.checkpoint import file_sha256
@@ -267,6 +333,14 @@ def open_engine(engine: str | Path, *, device: str = "cpu", backend: str | None 
     ck = checkpoint or registry.get_entry(str(engine)).default_checkpoint
     sha = file_sha256(ck) if ck else None
     return TorchRunner(model, device=device, precision=precision, extra=extra, checkpoint_sha256=sha)
+
+
+def _wrap_step(runner: Runner, extra: dict | None) -> Runner:
+    """A step engine of a looped model gets its loop; any other engine takes ``extra`` itself."""
+    if "t" in runner.meta.spec.extra_inputs and _step_loop_module(runner.meta.model):
+        return StepLoopRunner(runner, extra)
+    runner.extra.update(extra or {})
+    return runner
 
 
 def _need_file(p: Path):

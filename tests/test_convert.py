@@ -232,3 +232,22 @@ def test_warp_policy_realigns_arcface_crops_to_the_model_template():
     back = postprocess(preprocess(rgb, spec), spec, (112, 112))
     inner = (slice(30, 100), slice(25, 88))  # the face; the border is filled by reflection
     assert np.abs(back[inner].astype(int) - rgb[inner].astype(int)).mean() < 6
+
+
+def test_unsb_step_engine_converts_like_the_torch_sampler(dataset, tmp_path):
+    """An exported UNSB step (x, t, z) runs its seeded multi-step loop in the runtime, so the
+    ONNX engine gives the torch model's images."""
+    from rtkit.export import to_onnx
+
+    torch.manual_seed(0)
+    model = create("unsb_tiny", pretrained=False)
+    ckpt = tmp_path / "unsb_tiny.safetensors"
+    save_file(model.generator.state_dict(), str(ckpt))
+    onnx_path = to_onnx("unsb_tiny", tmp_path / "unsb_tiny.onnx", checkpoint=ckpt, log=None)
+    a = convert(onnx_path, dataset, tmp_path / "onnx", progress=False, batch_size=4)
+    b = convert("unsb_tiny", dataset, tmp_path / "torch", checkpoint=ckpt, progress=False, batch_size=4)
+    assert a.converted == b.converted == 24
+    for rel in _outputs(tmp_path / "torch"):
+        x = cv2.imread(str(tmp_path / "onnx" / rel)).astype(int)
+        y = cv2.imread(str(tmp_path / "torch" / rel)).astype(int)
+        assert np.abs(x - y).max() <= 1
