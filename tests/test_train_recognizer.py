@@ -350,3 +350,16 @@ def test_cli_help_and_refusal_to_overwrite_a_run(trained, sample_data):
     res = runner.invoke(main, ["recognizer", "--data", str(sample_data / "train"), "--out", str(trained["out"]),
                                "--backbone", "adaface_tiny", "--device", "cpu"])
     assert res.exit_code == 1 and "already has checkpoints" in res.output
+
+
+@pytest.mark.slow
+def test_paper_recipe_builds_and_steps_with_ir50(tmp_path):
+    """The default config (AdaFace IR-50, AdaFace head, SGD groups, multistep) at 112 pixels."""
+    _write_faces(tmp_path / "d", range(4), per=2)
+    cfg = RecognizerConfig(data=[str(tmp_path / "d")], batch_size=4, workers=0, device="cpu", progress=False,
+                           max_steps=1)
+    assert (cfg.backbone, cfg.head, cfg.epochs, cfg.lr, cfg.milestones) == ("adaface_ir50", "adaface", 30, 0.1,
+                                                                             (12, 20, 26))
+    summary = RecognizerTrainer(cfg, tmp_path / "run", log=None).fit()
+    assert np.isfinite(summary["last_loss"])
+    create("adaface_ir50", checkpoint=tmp_path / "run" / "model.ckpt")

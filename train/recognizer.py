@@ -8,7 +8,10 @@ The defaults are the AdaFace IR-50 recipe of the source paper (idiap face_synthe
 256 on one GPU, 30 epochs, SGD lr 0.1 momentum 0.9, weight decay 5e-4 (not on normalisation
 parameters or biases), learning rate x0.1 at epochs 12, 20 and 26, 16-bit mixed precision,
 AdaFace head m 0.4 h 0.333 s 64, crop / low-res / photometric augmentation (p 0.2 each) and
-flips. ``scheduler="poly"`` with ``warmup_epochs`` gives arcface_torch's schedule instead.
+flips. ``precision="auto"`` picks bf16 on GPUs that have it; ``"fp16"`` (with loss scaling)
+is the paper's exact setting. ``scheduler="poly"`` with ``warmup_epochs`` and
+``clip_grad_norm=5`` give arcface_torch's recipe instead. AdaFace's own code also decays
+Linear biases; here no bias is decayed.
 
 One process trains on one device; under torchrun (``WORLD_SIZE > 1``) every process joins a
 process group, backbone and head are wrapped together in DistributedDataParallel, and each
@@ -34,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
