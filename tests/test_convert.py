@@ -251,3 +251,24 @@ def test_unsb_step_engine_converts_like_the_torch_sampler(dataset, tmp_path):
         x = cv2.imread(str(tmp_path / "onnx" / rel)).astype(int)
         y = cv2.imread(str(tmp_path / "torch" / rel)).astype(int)
         assert np.abs(x - y).max() <= 1
+
+
+@pytest.mark.parametrize("name", [n for n in __import__("rtkit.engines", fromlist=["x"]).list_models(
+    tiny=True, task="translate")])
+def test_every_tiny_translator_converts_sample_images(name, dataset, tmp_path):
+    """Each registered translator runs through the streaming converter with the torch runner
+    and writes source-sized images that differ from the sources."""
+    torch.manual_seed(0)
+    model = create(name, pretrained=False)
+    from rtkit.runtime.runners import TorchRunner
+
+    src = tmp_path / "src"
+    (src / "0").mkdir(parents=True)
+    for rel in ("0/0.png", "0/1.png"):
+        (src / rel).write_bytes((dataset / rel).read_bytes())
+    with TorchRunner(model) as runner:
+        s = convert(runner, src, tmp_path / "out", progress=False, batch_size=2)
+    assert s.converted == 2 and s.failed == 0, s.table()
+    for rel in ("0/0.png", "0/1.png"):
+        a, b = cv2.imread(str(src / rel)), cv2.imread(str(tmp_path / "out" / rel))
+        assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).mean() > 0.5
