@@ -133,6 +133,44 @@ def load_unet(path: str | Path):
     return unet.eval(), _find_scheduler_config(folder)
 
 
+def inversion_count(steps: int, depth: float, inversion_steps: int | None) -> int:
+    """How many of ``steps`` DDIM steps to invert: ``inversion_steps`` or ``depth`` of them."""
+    if steps < 1:
+        raise RtkitError(f"steps must be >= 1, got {steps}")
+    if inversion_steps is not None:
+        if not 1 <= inversion_steps <= steps:
+            raise RtkitError(f"inversion_steps must be in 1..{steps}, got {inversion_steps}")
+        return int(inversion_steps)
+    if not 0.0 < depth <= 1.0:
+        raise RtkitError(f"depth must be a fraction in (0, 1], got {depth}")
+    return max(1, round(depth * steps))
+
+
+def ddim_invert(eps, x: torch.Tensor, steps: int, n_inv: int, scheduler_config: dict) -> torch.Tensor:
+    """``n_inv`` deterministic inverse-DDIM steps from x; eps(x, t) predicts the noise."""
+    _, inverse = make_schedulers(scheduler_config)
+    inverse.set_timesteps(steps)
+    latent = x
+    for t in inverse.timesteps[:n_inv]:
+        latent = inverse.step(eps(latent, t.to(x.device)), int(t), latent).prev_sample
+    return latent
+
+
+def ddim_regenerate(eps, latent: torch.Tensor, steps: int, n_inv: int, scheduler_config: dict, *,
+                    eta: float = 0.0, seed=0) -> torch.Tensor:
+    """The last ``n_inv`` of ``steps`` DDIM sampling steps from ``latent``, clamped to [-1, 1]."""
+    scheduler, _ = make_schedulers(scheduler_config)
+    scheduler.set_timesteps(steps)
+    noise = SeededNoise(per_sample_seeds(seed, latent.shape[0])) if eta > 0 else None
+    x = latent
+    for t in scheduler.timesteps[steps - n_inv:]:
+        variance_noise = (noise.normal(x.shape[1:], device=x.device, dtype=x.dtype)
+                          if noise is not None else None)
+        x = scheduler.step(eps(x, t.to(x.device)), int(t), x, eta=float(eta),
+                           variance_noise=variance_noise).prev_sample
+    return x.clamp(-1.0, 1.0)
+
+
 class DDIMInversionTranslator(nn.Module):
     """x -> DDIM-invert ``depth`` of the way -> DDIM-regenerate (batched).
 
@@ -158,30 +196,28 @@ class DDIMInversionTranslator(nn.Module):
         c = x.shape[1]
         return out[:, :c] if out.shape[1] == 2 * c else out
 
+    def export_module(self) -> "DDIMUNetStep":
+        """What an engine runs (rtkit.export protocol): one UNet evaluation eps(x, t); the
+        runtime runs inversion and regeneration around it (``translate_with_step``)."""
+        self._check(DEFAULT_STEPS, 1.0, None)
+        return DDIMUNetStep(self)
+
+    def export_inputs(self, batch: int) -> dict:
+        h, w = self.spec.input_size
+        return {"input": torch.rand(batch, 3, h, w) * 2 - 1,
+                "t": torch.randint(0, 1000, (batch,), dtype=torch.long)}
+
     def _check(self, steps: int, depth: float, inversion_steps: int | None) -> int:
         if self.unet is None:
             raise RtkitError("ddim has no UNet loaded: create('ddim', checkpoint=<diffusers UNet "
                              "folder>/config.json) or create('ddim', unet_dir=<folder>)")
-        if steps < 1:
-            raise RtkitError(f"steps must be >= 1, got {steps}")
-        if inversion_steps is not None:
-            if not 1 <= inversion_steps <= steps:
-                raise RtkitError(f"inversion_steps must be in 1..{steps}, got {inversion_steps}")
-            return int(inversion_steps)
-        if not 0.0 < depth <= 1.0:
-            raise RtkitError(f"depth must be a fraction in (0, 1], got {depth}")
-        return max(1, round(depth * steps))
+        return inversion_count(steps, depth, inversion_steps)
 
     def invert(self, x: torch.Tensor, *, steps: int = DEFAULT_STEPS, depth: float = 1.0,
                inversion_steps: int | None = None) -> torch.Tensor:
         """Deterministic DDIM inversion of images x (in [-1, 1]) to the latent at that depth."""
         n_inv = self._check(steps, depth, inversion_steps)
-        _, inverse = make_schedulers(self.scheduler_config)
-        inverse.set_timesteps(steps)
-        latent = x
-        for t in inverse.timesteps[:n_inv]:
-            latent = inverse.step(self._eps(latent, t.to(x.device)), int(t), latent).prev_sample
-        return latent
+        return ddim_invert(self._eps, x, steps, n_inv, self.scheduler_config)
 
     def regenerate(self, latent: torch.Tensor, *, steps: int = DEFAULT_STEPS, depth: float = 1.0,
                    inversion_steps: int | None = None, eta: float = 0.0,
@@ -189,16 +225,7 @@ class DDIMInversionTranslator(nn.Module):
         """DDIM sampling from a latent at that depth back to an image. eta > 0 adds noise
         drawn per sample (seed s gives sample i the seed s + i, as in UNSB)."""
         n_inv = self._check(steps, depth, inversion_steps)
-        scheduler, _ = make_schedulers(self.scheduler_config)
-        scheduler.set_timesteps(steps)
-        noise = SeededNoise(per_sample_seeds(seed, latent.shape[0])) if eta > 0 else None
-        x = latent
-        for t in scheduler.timesteps[steps - n_inv:]:
-            variance_noise = (noise.normal(x.shape[1:], device=x.device, dtype=x.dtype)
-                              if noise is not None else None)
-            x = scheduler.step(self._eps(x, t.to(x.device)), int(t), x, eta=float(eta),
-                               variance_noise=variance_noise).prev_sample
-        return x.clamp(-1.0, 1.0)
+        return ddim_regenerate(self._eps, latent, steps, n_inv, self.scheduler_config, eta=eta, seed=seed)
 
     def forward(self, x: torch.Tensor, steps: int = DEFAULT_STEPS, depth: float = 1.0,
                 eta: float = 0.0, seed: int | Sequence[int] | torch.Tensor = 0,
@@ -208,6 +235,37 @@ class DDIMInversionTranslator(nn.Module):
         latent = self.invert(x, steps=steps, depth=float(depth), inversion_steps=inversion_steps)
         return self.regenerate(latent, steps=steps, depth=float(depth),
                                inversion_steps=inversion_steps, eta=float(eta), seed=seed)
+
+
+class DDIMUNetStep(nn.Module):
+    """One noise prediction eps(x, t) with t (int64, one per image) as a graph input."""
+
+    def __init__(self, translator: DDIMInversionTranslator):
+        super().__init__()
+        self.translator = translator
+        base = translator.spec
+        self.spec = ModelSpec(task=base.task, input_size=base.input_size, value_range=base.value_range,
+                              channels=base.channels, alignment=base.alignment, resize=base.resize,
+                              extra_inputs={"t": {"dtype": "int64", "shape": ["batch"], "default": 0}})
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.translator._eps(x, t)
+
+
+def translate_with_step(step, x: torch.Tensor, *, steps: int = DEFAULT_STEPS, depth: float = 1.0,
+                        eta: float = 0.0, seed=0, inversion_steps: int | None = None,
+                        scheduler_config: dict | None = None) -> torch.Tensor:
+    """Inversion + regeneration around an exported UNet step ``step(x, t) -> eps`` (e.g. an ONNX
+    engine through a runner): the arithmetic of ``DDIMInversionTranslator.forward``."""
+    steps = int(steps)
+    n_inv = inversion_count(steps, float(depth), None if inversion_steps is None else int(inversion_steps))
+    config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
+
+    def eps(xt, t):
+        return step(xt, t.reshape(1).expand(xt.shape[0]).to(torch.long))
+
+    latent = ddim_invert(eps, x, steps, n_inv, config)
+    return ddim_regenerate(eps, latent, steps, n_inv, config, eta=float(eta), seed=seed)
 
 
 def spec_for(unet) -> ModelSpec:

@@ -242,7 +242,7 @@ class TensorRTRunner(Runner):
 
 # Engines that export one network evaluation and need a sampling loop around it to translate:
 # model module -> its loop function, loop(step_fn, x, **runtime_inputs).
-_STEP_LOOPS = {"rtkit.engines.unsb": "sample"}
+_STEP_LOOPS = {"rtkit.engines.unsb": "sample", "rtkit.engines.ddim": "translate_with_step"}
 
 
 def _step_loop_module(model: str) -> str | None:
@@ -269,6 +269,9 @@ class StepLoopRunner(Runner):
         self._loop = getattr(importlib.import_module(mod), _STEP_LOOPS[mod])
         self.step = step
         spec = get_entry(step.meta.model).spec
+        if spec.input_size is None and step.meta.spec.input_size is not None:
+            spec = ModelSpec.from_dict({**spec.to_dict(), "input_size": step.meta.spec.input_size,
+                                        "resize": step.meta.spec.resize})
         meta = EngineMeta(model=step.meta.model, spec=spec, precision=step.meta.precision,
                           checkpoint_sha256=step.meta.checkpoint_sha256, built_with=step.meta.built_with)
         super().__init__(meta, _sha256_text("loop", step.identity), extra)
@@ -281,8 +284,9 @@ class StepLoopRunner(Runner):
         as_numpy = isinstance(batch, np.ndarray)
         x = torch.from_numpy(batch) if as_numpy else batch
 
-        def step_fn(xt, t, z):
-            y = self.step.infer(xt.numpy() if as_numpy else xt, t=t, z=z)
+        def step_fn(xt, t, z=None):
+            inputs = {"t": t} if z is None else {"t": t, "z": z}
+            y = self.step.infer(xt.numpy() if as_numpy else xt, **inputs)
             return torch.from_numpy(y) if as_numpy else y
 
         kwargs = {**self.extra, **extra}
