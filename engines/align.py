@@ -152,15 +152,24 @@ def gaussian_kernel1d(sigma: float, *, dtype=torch.float32, device=None) -> torc
     return (k / k.sum()).to(dtype=dtype, device=device)
 
 
-def blur_batch(images: torch.Tensor, kernel1d: torch.Tensor) -> torch.Tensor:
-    """Separable depthwise blur with reflect padding (a fixed conv, so it exports to ONNX)."""
-    c = images.shape[1]
-    r = kernel1d.numel() // 2
-    kx = kernel1d.view(1, 1, 1, -1).expand(c, 1, 1, -1)
-    ky = kernel1d.view(1, 1, -1, 1).expand(c, 1, -1, 1)
+def separable_kernels(kernel1d: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise conv weights (C, 1, 1, K) and (C, 1, K, 1) of a 1-D kernel."""
+    k = kernel1d.numel()
+    return (kernel1d.reshape(1, 1, 1, k).repeat(channels, 1, 1, 1),
+            kernel1d.reshape(1, 1, k, 1).repeat(channels, 1, 1, 1))
+
+
+def blur_separable(images: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+    """Depthwise blur by the kernels of ``separable_kernels`` with reflect padding."""
+    c, r = images.shape[1], kx.shape[-1] // 2
     mode = "reflect" if min(images.shape[-2:]) > r else "replicate"
     x = F.conv2d(F.pad(images, (r, r, 0, 0), mode=mode), kx, groups=c)
     return F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), ky, groups=c)
+
+
+def blur_batch(images: torch.Tensor, kernel1d: torch.Tensor) -> torch.Tensor:
+    """Separable depthwise Gaussian (or any 1-D kernel) blur with reflect padding."""
+    return blur_separable(images, *separable_kernels(kernel1d, images.shape[1]))
 
 
 def _sample(images, grid, padding_mode, interpolation, fill):
@@ -245,7 +254,7 @@ class AffineWarp(nn.Module):
 
     def __init__(self, matrix, src_size, out_size, *, padding_mode: str = "reflection",
                  interpolation: str = "bilinear", antialias: bool = True,
-                 fill: Sequence[float] = OFFICIAL_GRAY):
+                 fill: Sequence[float] = OFFICIAL_GRAY, channels: int = 3):
         super().__init__()
         m = _as_batch_matrix(matrix)
         if len(m) != 1:
@@ -257,15 +266,17 @@ class AffineWarp(nn.Module):
         self.fill = tuple(float(v) for v in fill)
         self.register_buffer("grid", sampling_grid(m, self.src_size, self.out_size), persistent=False)
         sigma = float(np.round(antialias_sigma(m)[0], 2)) if antialias else 0.0
-        kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.zeros(0)
-        self.register_buffer("blur_kernel", kernel, persistent=False)
+        # Stored at full depthwise shape: a traced conv needs a weight of known shape.
+        kx, ky = separable_kernels(gaussian_kernel1d(sigma), channels) if sigma > 0 else (None, None)
+        self.register_buffer("blur_x", kx, persistent=False)
+        self.register_buffer("blur_y", ky, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if tuple(images.shape[-2:]) != self.src_size:
+        if not torch.jit.is_tracing() and tuple(images.shape[-2:]) != self.src_size:
             raise ValueError(f"warp expects {self.src_size[0]}x{self.src_size[1]} inputs, "
                              f"got {images.shape[-2]}x{images.shape[-1]}")
-        if self.blur_kernel.numel():
-            images = blur_batch(images, self.blur_kernel)
+        if self.blur_x is not None:
+            images = blur_separable(images, self.blur_x, self.blur_y)
         grid = self.grid.expand(images.shape[0], -1, -1, -1)
         return _sample(images, grid, self.padding_mode, self.interpolation, self.fill)
 
@@ -274,4 +285,4 @@ __all__ = ["ARCFACE_112", "FFHQ_512", "TEMPLATES", "OFFICIAL_GRAY", "template_po
            "similarity_transform", "apply_transform", "invert_affine", "template_transform",
            "affine_theta", "sampling_grid", "antialias_sigma", "warp_batch", "inverse_warp_batch",
            "resize_batch", "arcface112_to_ffhq512", "ffhq512_to_arcface112", "AffineWarp",
-           "blur_batch", "gaussian_kernel1d"]
+           "blur_batch", "blur_separable", "separable_kernels", "gaussian_kernel1d"]

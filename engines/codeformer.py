@@ -299,7 +299,7 @@ def fusion_weight(w, batch: int, like: torch.Tensor):
     w <= 0 adds exactly zero, so the result equals the skipped branch; only the cost differs.
     """
     if isinstance(w, torch.Tensor):
-        if w.numel() not in (1, batch):
+        if not torch.jit.is_tracing() and w.numel() not in (1, batch):
             raise ValueError(f"w must have 1 or {batch} (batch) elements, got shape {tuple(w.shape)}")
         return w.to(device=like.device, dtype=like.dtype).reshape(-1, 1, 1, 1).clamp(min=0)
     w = float(w)
@@ -378,7 +378,8 @@ class CodeFormer(nn.Module):
         does when converting it to an image.
         """
         size = self.config.img_size
-        if x.shape[-2:] != (size, size):
+        # Shape checks are skipped while tracing for export (sizes are symbolic there).
+        if not torch.jit.is_tracing() and x.shape[-2:] != (size, size):
             raise ValueError(f"CodeFormer takes {size}x{size} inputs (its position embedding is "
                              f"fixed), got {x.shape[-2]}x{x.shape[-1]}")
         return self.forward_official(x, w, adain).image.clamp(-1.0, 1.0)
@@ -407,7 +408,7 @@ class CodeFormerForArcFace112(CodeFormer):
         self.to_arcface = AffineWarp(invert_affine(to_ffhq), size, face_size, padding_mode="border")
 
     def forward(self, x: torch.Tensor, w=0.5, adain: bool = True) -> torch.Tensor:
-        if x.shape[-2:] != (self.face_size, self.face_size):
+        if not torch.jit.is_tracing() and x.shape[-2:] != (self.face_size, self.face_size):
             raise ValueError(f"expects {self.face_size}x{self.face_size} ArcFace-aligned crops, "
                              f"got {x.shape[-2]}x{x.shape[-1]}")
         restored = super().forward(self.to_ffhq(x), w, adain)
