@@ -14,7 +14,7 @@ whatever device the images are on.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -146,7 +146,7 @@ def antialias_sigma(matrix) -> np.ndarray:
 
 
 def gaussian_kernel1d(sigma: float, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma)))
+    radius = max(1, math.ceil(3.0 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).to(dtype=dtype, device=device)
@@ -281,8 +281,27 @@ class AffineWarp(nn.Module):
         return _sample(images, grid, self.padding_mode, self.interpolation, self.fill)
 
 
-__all__ = ["ARCFACE_112", "FFHQ_512", "TEMPLATES", "OFFICIAL_GRAY", "template_points",
-           "similarity_transform", "apply_transform", "invert_affine", "template_transform",
-           "affine_theta", "sampling_grid", "antialias_sigma", "warp_batch", "inverse_warp_batch",
-           "resize_batch", "arcface112_to_ffhq512", "ffhq512_to_arcface112", "AffineWarp",
-           "blur_batch", "blur_separable", "separable_kernels", "gaussian_kernel1d"]
+__all__ = [
+    "ARCFACE_112",
+    "FFHQ_512",
+    "OFFICIAL_GRAY",
+    "TEMPLATES",
+    "AffineWarp",
+    "affine_theta",
+    "antialias_sigma",
+    "apply_transform",
+    "arcface112_to_ffhq512",
+    "blur_batch",
+    "blur_separable",
+    "ffhq512_to_arcface112",
+    "gaussian_kernel1d",
+    "inverse_warp_batch",
+    "invert_affine",
+    "resize_batch",
+    "sampling_grid",
+    "separable_kernels",
+    "similarity_transform",
+    "template_points",
+    "template_transform",
+    "warp_batch",
+]

@@ -2,10 +2,20 @@
 import numpy as np
 import pytest
 import torch
-
-from rtkit.engines.align import (ARCFACE_112, FFHQ_512, AffineWarp, apply_transform, arcface112_to_ffhq512,
-                                 ffhq512_to_arcface112, invert_affine, inverse_warp_batch,
-                                 similarity_transform, template_points, template_transform, warp_batch)
+from rtkit.engines.align import (
+    ARCFACE_112,
+    FFHQ_512,
+    AffineWarp,
+    apply_transform,
+    arcface112_to_ffhq512,
+    ffhq512_to_arcface112,
+    inverse_warp_batch,
+    invert_affine,
+    similarity_transform,
+    template_points,
+    template_transform,
+    warp_batch,
+)
 
 
 def rotation(angle, scale):

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from rtkit.engines import CheckpointError, create, get_entry, num_params
 from rtkit.engines.align import arcface112_to_ffhq512, ffhq512_to_arcface112
 from rtkit.engines.codeformer import FULL_CONFIG, CodeFormer, VQEncoder, VQGenerator
