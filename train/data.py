@@ -303,7 +303,10 @@ def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, *, wor
     """
     kwargs = {}
     if workers > 0:
-        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=_worker_init)
+        # forkserver: workers are forked from a clean process. Forking the trainer itself deadlocks
+        # when OpenCV's thread pool was used before (a decode thread, an earlier conversion).
+        kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor, worker_init_fn=_worker_init,
+                      multiprocessing_context="forkserver")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **kwargs)
 
