@@ -903,13 +903,13 @@ class TranslatorTrainer:
             raise RtkitError(f"crop size must be a multiple of 4 and at least 16, got {cfg.crop_size}")
         if cfg.load_size is not None and cfg.load_size < cfg.crop_size:
             raise RtkitError(f"load size {cfg.load_size} is smaller than the crop size {cfg.crop_size}")
-        self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.ctx = ctx or init_distributed(cfg.device)
         self._log_fn = log
         method_cls = METHODS[cfg.method]
         self.opts = _coerce_options(method_cls.Options, cfg.options, cfg.method)
-        cfg.options = asdict(self.opts)  # the config records every option, defaults included
+        # the recorded config lists every option, defaults included (the caller's is left as is)
+        cfg = self.cfg = dataclasses.replace(cfg, options=asdict(self.opts))
         self.ckpts = CheckpointDir(self.out_dir / "checkpoints", keep=cfg.keep)
         self.weights_dir = self.out_dir / "weights"
         resume_path = self._resume_path(resume)
@@ -1061,22 +1061,22 @@ class TranslatorTrainer:
             self.step += 1
             meter.add(cfg.batch_size * ctx.world_size)
             last = self.step == cfg.steps
-            if self.step % cfg.log_every == 0 or last or first is None:
+            log_due = self.step % cfg.log_every == 0 or last
+            sample_due = bool(cfg.sample_every) and (self.step % cfg.sample_every == 0 or last)
+            if log_due or sample_due or first is None:
                 metrics = {k: float(v) for k, v in out.items()}
                 if not all(math.isfinite(v) for v in metrics.values()):
                     raise RtkitError(f"non-finite loss at step {self.step}: {metrics}; lower the learning "
                                      f"rates or use --precision fp32")
                 first = first or dict(metrics)
-            if self.step % cfg.log_every == 0 or last:
-                row = dict(metrics, **self.method.learning_rates(), img_per_s=meter.rate())
+            gap = self.write_samples() if sample_due else {}
+            if log_due or sample_due:
+                row = dict(metrics, **self.method.learning_rates(), img_per_s=meter.rate(), **gap)
                 self.logger.log(self.step, **row)
-                self._log(f"step {self.step}/{cfg.steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                          + f"  ({row['img_per_s']:.1f} img/s)")
-            if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
-                gap = self.write_samples()
-                if gap:
-                    self.logger.log(self.step, **gap)
-                    metrics.update(gap)
+                if log_due:
+                    self._log(f"step {self.step}/{cfg.steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                              + f"  ({row['img_per_s']:.1f} img/s)")
+            metrics.update(gap)
             if (cfg.save_every and self.step % cfg.save_every == 0) or last:
                 self.save_checkpoint(metrics)
                 saved_at = self.step

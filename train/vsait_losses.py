@@ -15,8 +15,8 @@ while the discriminator pushes the translation and the bound source towards the 
 
 Official layout, reproduced so the checkpoint keys match (``model.`` + these names):
 
-- ``feature_extractor.net.features.N.weight/bias``: torchvision's VGG19 ``features`` (no
-  classifier), frozen. Taps ``features.{2,7,12,21,30}`` (conv1_2, conv2_2, conv3_2, conv4_2,
+- ``feature_extractor.net.features.N.weight/bias``: torchvision's VGG19 ``features`` up to
+  the deepest tap (no classifier, no conv5_3/5_4: the FX graph keeps only what it runs), frozen. Taps ``features.{2,7,12,21,30}`` (conv1_2, conv2_2, conv3_2, conv4_2,
   conv5_2). The official extractor is an FX graph over torchvision's VGG whose ReLUs are in
   place, so every tap that is followed by a ReLU still inside the traced range comes out
   *after* that ReLU (the ReLU overwrites the returned tensor); the deepest tap (features.30)
@@ -77,11 +77,15 @@ def _build_features(layout: Sequence, in_channels: int = 3) -> nn.Sequential:
 
 
 class _VGGTrunk(nn.Module):
-    """Holds ``features`` so state_dict keys read ``features.N.*`` as torchvision's do."""
+    """Holds ``features`` (up to the deepest tap, as the official FX extractor keeps them) so
+    state_dict keys read ``features.N.*`` as torchvision's do."""
 
-    def __init__(self, layout: Sequence):
+    def __init__(self, layout: Sequence, last: int):
         super().__init__()
-        self.features = _build_features(layout)
+        full = _build_features(layout)
+        if not 0 <= last < len(full):
+            raise RtkitError(f"feature taps must be in 0..{len(full) - 1}, got {last}")
+        self.features = full[: last + 1]
 
 
 class VGGFeatures(nn.Module):
@@ -96,11 +100,10 @@ class VGGFeatures(nn.Module):
         super().__init__()
         if normalize not in ("none", "imagenet"):
             raise RtkitError(f"feature normalisation must be 'none' or 'imagenet', got {normalize!r}")
-        self.net = _VGGTrunk(layout)
-        n = len(self.net.features)
         self.taps = tuple(sorted(set(int(t) for t in taps)))
-        if not self.taps or self.taps[0] < 0 or self.taps[-1] >= n:
-            raise RtkitError(f"feature taps must be in 0..{n - 1}, got {list(taps)}")
+        if not self.taps or self.taps[0] < 0:
+            raise RtkitError(f"feature taps must be non-negative layer indices, got {list(taps)}")
+        self.net = _VGGTrunk(layout, self.taps[-1])
         for t in self.taps:
             if not isinstance(self.net.features[t], nn.Conv2d):
                 raise RtkitError(f"feature tap {t} is not a conv layer of the VGG features")
@@ -183,6 +186,9 @@ def load_vgg_weights(net: VGGFeatures, path: str | Path) -> None:
                 break
     if not state:
         raise CheckpointError(f"{path} has no 'features.N.weight' keys (torchvision VGG layout expected)")
+    # layers past the deepest tap (torchvision's conv5_3/5_4) are not part of the extractor
+    n = len(net.net.features)
+    state = {k: v for k, v in state.items() if int(k.split(".")[1]) < n}
     load_state_dict_strict(net.net, state, name="vgg19 features", path=path)
 
 

@@ -1,0 +1,412 @@
+"""Translator training (rtkit.train.translator): VSAIT, DECENT and UNSB on the sample dataset.
+
+Source = the sample dataset's "render" look, target = its "photo" look (other identities and
+seed, so the two sets are unpaired). The domain gap is ``style_distance``: the mean absolute
+difference (0-255 units) between the two sets' average colour/frequency statistics (channel
+means and standard deviations, HSV saturation, mean |Laplacian|). Identity content is the
+per-image luma correlation between a source image and its translation, compared with the
+correlation to another image's translation.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rtkit.engines import create
+from rtkit.engines.errors import CheckpointError, RtkitError
+from rtkit.runtime.sources import decode_image, walk_files
+from rtkit.train.translator import (TranslatorConfig, UnpairedCrops, ImageDomain, content_correlation,
+                                    style_distance, train_translator)
+
+SAMPLE_SIZE = 64
+
+
+def _images(folder: Path) -> torch.Tensor:
+    files = walk_files(folder)[0]
+    arr = np.stack([decode_image(folder / f) for f in files]).astype(np.float32)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    from rtkit.runtime.sample import make_sample_dataset
+
+    root = tmp_path_factory.mktemp("domains")
+    make_sample_dataset(root / "render", style="render", identities=4, per_identity=4, size=SAMPLE_SIZE,
+                        seed=0, workers=1)
+    make_sample_dataset(root / "photo", style="photo", identities=4, per_identity=4, size=SAMPLE_SIZE,
+                        seed=1, workers=1)
+    return root / "render", root / "photo"
+
+
+@pytest.fixture(scope="module")
+def tiny_vgg_file(tmp_path_factory):
+    """vgg19_tiny weights with torchvision's key names: conv1_1/conv1_2 pass the colour channels
+    (+/-) and two luma edges through, deeper convs are He-random. A stand-in for real VGG19
+    weights that sees colour (random features do not; see test_random_features_are_explicit)."""
+    from rtkit.train.vsait_losses import FEATURE_NETS, _build_features
+
+    torch.manual_seed(0)
+    f = _build_features(FEATURE_NETS["vgg19_tiny"])
+    with torch.no_grad():
+        for m in f:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                m.bias.zero_()
+        w = torch.zeros_like(f[0].weight)
+        for c in range(3):
+            w[c, c, 1, 1], w[3 + c, c, 1, 1] = 1.0, -1.0
+        w[6, :, 1, 0], w[6, :, 1, 2] = -1 / 3, 1 / 3
+        w[7, :, 0, 1], w[7, :, 2, 1] = -1 / 3, 1 / 3
+        f[0].weight.copy_(w)
+        f[2].weight.copy_(torch.eye(8)[:, :, None, None] * torch.tensor([[0, 0, 0], [0, 1, 0], [0, 0, 0.]]))
+    state = {f"features.{k}": v for k, v in f.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)  # torchvision files carry a classifier: ignored
+    path = tmp_path_factory.mktemp("vgg") / "vgg19_tiny_torchvision_keys.pth"
+    torch.save(state, path)
+    return path
+
+
+# Tiny recipes: small nets, 32-48 px crops, learning rates raised for a few dozen steps.
+# steps, save_every: checkpoints at save_every, 2*save_every and the end; keep=2 prunes the first.
+RECIPES = {
+    "vsait": dict(generator="vsait_tiny", feature_net="vgg19_tiny", batch_size=4, crop_size=48, steps=40,
+                  save_every=19, options=dict(hv_dim=256, d_channels=(64, 64, 1), lr_g=2e-4, lr_d=1e-3,
+                                              vsa_weight=3.0)),
+    "decent": dict(generator="cut_tiny", batch_size=2, crop_size=32, steps=30, save_every=14,
+                   options=dict(ndf=8, num_patches=64, lr=2e-3)),
+    "unsb": dict(generator="unsb_tiny", batch_size=2, crop_size=32, steps=20, save_every=9,
+                 options=dict(ndf=8, num_patches=64, netf_nc=32, lr=2e-3, lambda_nce=4.0)),
+}
+
+
+def _config(method, domains, vgg_file, **changes) -> TranslatorConfig:
+    recipe = dict(RECIPES[method])
+    if method == "vsait":
+        recipe["feature_weights"] = str(vgg_file)
+    recipe["sample_every"] = changes.get("steps", recipe["steps"])
+    recipe.update(changes)
+    src, tgt = domains
+    return TranslatorConfig(method=method, source=str(src), target=str(tgt), workers=0, log_every=1,
+                            keep=2, num_samples=4, tensorboard=False, device="cpu", precision="fp32", **recipe)
+
+
+@pytest.fixture(scope="module")
+def trained(domains, tiny_vgg_file, tmp_path_factory):
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"run_{method}")
+            summary = train_translator(_config(method, domains, tiny_vgg_file), out, log=None)
+            runs[method] = (out, summary)
+        return runs[method]
+
+    return get
+
+
+def _log_rows(out: Path) -> dict[int, dict]:
+    with open(out / "log.csv", newline="") as f:
+        return {int(r["step"]): r for r in csv.DictReader(f)}
+
+
+# -- training outcome -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["vsait", "decent"])
+def test_training_closes_style_gap_and_keeps_identity(method, trained, domains):
+    out, summary = trained(method)
+    name = RECIPES[method]["generator"]
+    model = create(name, checkpoint=summary["weights"])
+    src, tgt = _images(domains[0]), _images(domains[1])
+    with torch.no_grad():
+        translated = model(src)
+    gap_before, gap_after = style_distance(src, tgt), style_distance(translated, tgt)
+    corr = content_correlation(src, translated)
+    corr_other = content_correlation(src, translated.roll(1, 0))
+    print(f"{method}: style gap {gap_before:.2f} -> {gap_after:.2f}; luma correlation "
+          f"{corr.mean():.3f} (other image {corr_other.mean():.3f})")
+    assert gap_after < 0.75 * gap_before
+    assert corr.mean() > 0.6
+    assert corr.mean() > corr_other.mean() + 0.15
+
+
+def test_unsb_trains_and_keeps_identity(trained, domains):
+    out, summary = trained("unsb")
+    rows = _log_rows(out)
+    nce = [float(rows[s]["NCE"]) for s in sorted(rows) if rows[s].get("NCE")]
+    assert all(np.isfinite(nce)) and np.mean(nce[-5:]) < np.mean(nce[:5])
+    model = create("unsb_tiny", checkpoint=summary["weights"])
+    src = _images(domains[0])
+    with torch.no_grad():
+        translated = model(src, seed=0)
+        again = model(src, seed=0)
+    assert torch.equal(translated, again)  # seeded sampler
+    corr = content_correlation(src, translated)
+    corr_other = content_correlation(src, translated.roll(1, 0))
+    print(f"unsb: style gap {style_distance(src, _images(domains[1])):.2f} -> "
+          f"{style_distance(translated, _images(domains[1])):.2f}; luma correlation {corr.mean():.3f} "
+          f"(other image {corr_other.mean():.3f})")
+    assert corr.mean() > corr_other.mean() + 0.1
+
+
+# -- output folder, resume --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["vsait", "decent", "unsb"])
+def test_run_folder_layout(method, trained):
+    out, summary = trained(method)
+    steps, every = RECIPES[method]["steps"], RECIPES[method]["save_every"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["method"] == method and cfg["options"]["lr" if method != "vsait" else "lr_g"] > 0
+    # keep=2 pruned the first checkpoint; each state file has its JSON config beside it
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*.pt"))
+    assert ckpts == [f"step_{2 * every:09d}.pt", f"step_{steps:09d}.pt"]
+    assert json.loads((out / "checkpoints" / f"step_{steps:09d}.json").read_text())["step"] == steps
+    weights = summary["weight_files"]
+    if method == "vsait":
+        assert {f"step={2 * every}.ckpt", f"step={steps}.ckpt", "last.ckpt", "last.json"} <= set(weights)
+        assert f"step={every}.ckpt" not in weights
+    else:
+        assert {f"{2 * every}_net_G.pth", f"{steps}_net_G.pth", "latest_net_G.pth", "latest_net_G.json"} <= set(weights)
+        assert f"{every}_net_G.pth" not in weights
+    grid = decode_image(out / "samples" / f"step_{steps:09d}.png")
+    crop = RECIPES[method]["crop_size"]
+    assert grid.shape == (crop, 4 * 2 * crop, 3)  # 4 (source | translation) pairs in a row
+    rows = _log_rows(out)
+    assert sorted(rows) == list(range(1, steps + 1))
+    assert rows[steps]["loss_G"] and rows[steps]["style_gap_translated"] and rows[steps]["lr_G"]
+
+
+@pytest.mark.parametrize("method", ["vsait", "decent", "unsb"])
+def test_resume_repeats_uninterrupted_training(method, trained, domains, tiny_vgg_file, tmp_path):
+    out, summary = trained(method)
+    steps, every = RECIPES[method]["steps"], RECIPES[method]["save_every"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    for p in (resumed / "checkpoints").glob(f"step_{steps:09d}.*"):
+        p.unlink()  # as if the run had died after its checkpoint at 2 * every
+    with pytest.raises(RtkitError, match="already has checkpoints"):
+        train_translator(_config(method, domains, tiny_vgg_file), resumed, log=None)
+    with pytest.raises(RtkitError, match="cannot resume"):
+        train_translator(_config(method, domains, tiny_vgg_file, batch_size=3), resumed, resume="latest", log=None)
+    s2 = train_translator(_config(method, domains, tiny_vgg_file), resumed, resume="latest", log=None)
+    assert s2["start_step"] == 2 * every and s2["final_step"] == steps
+    a, b = _log_rows(out), _log_rows(resumed)
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in range(2 * every + 1, steps + 1):  # losses, learning rates, final sample metrics
+        assert {k: v for k, v in a[step].items() if k != "img_per_s"} == \
+               {k: v for k, v in b[step].items() if k != "img_per_s"}, step
+    assert a[steps]["loss_G"] and a[steps]["style_gap_translated"]
+    sa = torch.load(summary["weights"], weights_only=True)
+    sb = torch.load(s2["weights"], weights_only=True)
+    sa, sb = sa.get("state_dict", sa), sb.get("state_dict", sb)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# -- exported generator: zoo, converter, ONNX -----------------------------------------------------
+
+def test_vsait_checkpoint_is_lightning_layout(trained):
+    out, summary = trained("vsait")
+    ckpt = torch.load(summary["weights"], weights_only=True)
+    sd = ckpt["state_dict"]
+    assert ckpt["global_step"] == RECIPES["vsait"]["steps"]
+    prefixes = {k.split(".")[1] for k in sd}
+    assert prefixes == {"g_net", "d_net", "g_net_map", "lsh_feat", "feature_extractor"}
+    assert sd["model.g_net_map.0.0.conv.weight"].shape == (256, 256, 1, 1)
+    assert sd["model.d_net.net.0.net.2.weight"].shape == (1, 64, 1, 1)
+    assert sd["model.lsh_feat.0.weight"].shape == (256, 8, 16, 16)
+    assert "model.feature_extractor.net.features.30.weight" in sd
+    assert "model.feature_extractor.net.features.32.weight" not in sd  # past the deepest tap
+    assert "model.g_net.encoder.net.2.weight" in sd  # the Gaussian buffers, as official files hold them
+
+
+@pytest.mark.parametrize("method", ["vsait", "decent", "unsb"])
+def test_exported_generator_converts_and_exports(method, trained, domains, tmp_path):
+    from rtkit.export import to_onnx
+    from rtkit.export.metadata import read_metadata
+    from rtkit.runtime.converter import convert
+
+    out, summary = trained(method)
+    weights = Path(summary["weights"])
+    name = RECIPES[method]["generator"]
+    assert read_metadata(weights).model == name
+    if method != "vsait":  # plain state_dict with the official key names
+        assert set(torch.load(weights, weights_only=True)) == set(
+            (create(name).generator if method == "unsb" else create(name)).state_dict())
+    src = tmp_path / "src"
+    for rel in walk_files(domains[0])[0][:3]:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(domains[0] / rel, src / rel)
+    s = convert(weights, src, tmp_path / "converted", decode_workers=1, encode_workers=1, progress=False)
+    assert s.converted == 3 and s.failed == 0
+    rel = walk_files(src)[0][0]
+    converted = decode_image(tmp_path / "converted" / rel)
+    assert converted.shape == (SAMPLE_SIZE, SAMPLE_SIZE, 3)
+    assert np.abs(converted.astype(int) - decode_image(src / rel).astype(int)).mean() > 1
+    onnx_path = to_onnx(create(name, checkpoint=weights), tmp_path / f"{name}.onnx", checkpoint=weights, log=None)
+    assert onnx_path.is_file() and read_metadata(onnx_path).model == name
+
+
+# -- pieces ------------------------------------------------------------------------------------------
+
+def test_vgg_taps_follow_the_official_extractor(tiny_vgg_file):
+    """Taps followed by a ReLU come out after it (torchvision's in-place ReLU rewrites them); the
+    deepest tap stays pre-activation; torchvision key names load, a classifier is ignored."""
+    from rtkit.train.vsait_losses import FEATURE_NETS, build_feature_extractor
+
+    net = build_feature_extractor("vgg19_tiny", weights=tiny_vgg_file)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    feats = net(x)
+    ref, h = {}, x
+    for i, layer in enumerate(net.net.features):
+        h = layer(h)
+        ref[i] = h
+    for tap, f in zip((2, 7, 12, 21, 30), feats):
+        expected = ref[tap] if tap == 30 else ref[tap + 1]
+        assert torch.equal(f, expected), tap
+    assert (feats[0] >= 0).all() and (feats[-1] < 0).any()
+    assert [f.shape[1] for f in feats] == [8, 16, 32, 64, 64]
+    bad = tiny_vgg_file.with_name("bad.pth")
+    sd = torch.load(tiny_vgg_file, weights_only=True)
+    del sd["features.30.weight"]
+    torch.save(sd, bad)
+    with pytest.raises(CheckpointError, match="features.30.weight"):
+        build_feature_extractor("vgg19_tiny", weights=bad)
+
+
+def test_random_features_are_explicit(domains, tmp_path):
+    cfg = _config("vsait", domains, None, feature_weights=None, steps=1)
+    with pytest.raises(RtkitError, match="--random-features"):
+        train_translator(cfg, tmp_path / "a", log=None)
+
+
+def test_lsh_is_cosine_of_concatenated_patches():
+    from rtkit.train.vsait_losses import LSHHypervectors
+
+    torch.manual_seed(0)
+    lsh = LSHHypervectors([3, 5, 2], out_channels=7, kernel_sizes=[4, 2, 1], seed=3)
+    feats = [torch.randn(1, 3, 8, 8), torch.randn(1, 5, 4, 4), torch.randn(1, 2, 2, 2)]
+    hv = lsh(feats)
+    assert hv.shape == (1, 7, 2, 2) and hv.abs().max() <= 1
+    for i in range(2):
+        for j in range(2):
+            patch = torch.cat([feats[0][0, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].flatten(),
+                               feats[1][0, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].flatten(), feats[2][0, :, i, j]])
+            rows = torch.cat([lv.weight.flatten(1) for lv in lsh], dim=1)
+            expected = rows @ patch / (rows.norm(dim=1) * patch.norm() + 1e-5)
+            assert torch.allclose(hv[0, :, i, j], expected, atol=1e-5)
+    assert torch.equal(LSHHypervectors([3, 5, 2], 7, [4, 2, 1], seed=3)[0].weight, lsh[0].weight)
+
+
+def test_vsa_loss_and_mapping_net():
+    from rtkit.train.vsait_losses import MappingNet, vsa_loss
+
+    m = MappingNet(16)
+    hv = torch.rand(2, 16, 3, 3) * 2 - 1
+    bound = m(hv)
+    assert torch.allclose(bound, torch.full_like(bound, float(np.tanh(1.0))))  # starts constant
+    assert vsa_loss(hv, hv, bound) < 1e-6  # unbinding a constant vector keeps the direction
+    assert vsa_loss(-hv, hv, bound) > 1.99
+
+
+def test_bnaf_log_density_matches_autograd_jacobian():
+    from rtkit.train.decent_losses import BNAF
+
+    torch.manual_seed(0)
+    flow = BNAF(3, n_flows=2, n_layers=2, hidden_dim=4)
+    x = torch.randn(5, 3)
+    y, log_det = flow.model(x)
+    for n in range(5):
+        jac = torch.autograd.functional.jacobian(lambda v: flow.model(v[None])[0][0], x[n])
+        assert torch.allclose(torch.linalg.slogdet(jac).logabsdet, log_det[n], atol=1e-4)
+    expected = torch.distributions.Normal(0, 1).log_prob(y).sum(1) + log_det
+    assert torch.allclose(flow.log_probs(x), expected, atol=1e-5)
+
+
+def test_density_change_and_patch_nce():
+    from rtkit.train.decent_losses import density_change_loss
+    from rtkit.train.unsb_losses import patch_nce_loss
+
+    lp = [torch.randn(2 * 16), torch.randn(2 * 16)]
+    shifted = [v - 3.0 for v in lp]  # every patch loses the same density: no structure change
+    assert density_change_loss(lp, shifted, [4, 8], 2) < 1e-10
+    assert density_change_loss(lp, [v + torch.randn_like(v) for v in lp], [4, 8], 2) > 1e-3
+    q = torch.nn.functional.normalize(torch.randn(2 * 16, 8), dim=1)
+    assert patch_nce_loss(q, q, 2).mean() < patch_nce_loss(q, q.roll(1, 0), 2).mean()
+
+
+def test_unpaired_crops_are_seeded_and_independent(domains):
+    src, tgt = ImageDomain(domains[0], "source"), ImageDomain(domains[1], "target")
+    kw = dict(batch_size=3, crop_size=32, seed=5)
+    a, b = UnpairedCrops(src, tgt, **kw), UnpairedCrops(src, tgt, **kw)
+    x = a[4]
+    assert x["source"].shape == (3, 3, 32, 32) and x["target"].shape == (3, 3, 32, 32)
+    assert x["source"].min() >= -1 and x["source"].max() <= 1
+    assert all(torch.equal(x[k], b[4][k]) for k in x)
+    assert not torch.equal(x["source"], a[5]["source"])
+    assert not torch.equal(x["source"], UnpairedCrops(src, tgt, rank=1, world_size=2, **kw)[4]["source"])
+    # independent orders per domain; every image once per epoch
+    n = len(src)
+    src_order = [src.index(5, 0, k) for k in range(n)]
+    assert sorted(src_order) == list(range(n)) and src_order != [tgt.index(5, 1, k) for k in range(n)]
+    assert "source2" in UnpairedCrops(src, tgt, second_source=True, **kw)[0]
+
+
+def test_cli_translator(domains, tmp_path):
+    from click.testing import CliRunner
+
+    from rtkit.cli.train import main
+
+    src, tgt = domains
+    args = ["translator", "--source", str(src), "--target", str(tgt), "--crop", "32", "--workers", "0",
+            "--steps", "2", "--batch-size", "1", "--device", "cpu", "--log-every", "1", "--sample-every", "0"]
+    r = CliRunner().invoke(main, args + ["--method", "vsait", "--out", str(tmp_path / "v"), "--generator", "vsait_tiny",
+                                         "--feature-net", "vgg19_tiny"])
+    assert r.exit_code == 1 and "--random-features" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, args + ["--method", "decent", "--out", str(tmp_path / "d"), "--generator", "cut_tiny",
+                                         "--method-opt", "ndf=8", "--method-opt", "var_layers=0,4",
+                                         "--method-opt", "num_patches=16"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "d" / "weights" / "2_net_G.pth").is_file()
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["options"]["var_layers"] == [0, 4]
+    r = CliRunner().invoke(main, args + ["--method", "decent", "--out", str(tmp_path / "e"), "--generator", "cut_tiny",
+                                         "--method-opt", "no_such=1"])
+    assert r.exit_code == 1 and "unknown decent option" in r.output
+
+
+def _ddp_worker(rank, world, port, cfg_dict, out):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from rtkit.train.translator import TranslatorConfig, TranslatorTrainer, init_distributed
+
+    ctx = init_distributed("cpu")
+    trainer = TranslatorTrainer(TranslatorConfig.from_dict(cfg_dict), out, ctx=ctx, log=None)
+    trainer.fit()
+    torch.save(trainer.method.generator.state_dict(), Path(out) / f"rank{rank}.pt")
+    ctx.close()
+
+
+@pytest.mark.slow
+def test_two_process_training_stays_in_sync(domains, tiny_vgg_file, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config("decent", domains, tiny_vgg_file, steps=3, save_every=0, sample_every=0)
+    mp.spawn(_ddp_worker, args=(2, port, cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "weights" / "3_net_G.pth").is_file()
