@@ -258,7 +258,7 @@ def test_exported_generator_converts_and_exports(method, trained, domains, tmp_p
 def test_vgg_taps_follow_the_official_extractor(tiny_vgg_file):
     """Taps followed by a ReLU come out after it (torchvision's in-place ReLU rewrites them); the
     deepest tap stays pre-activation; torchvision key names load, a classifier is ignored."""
-    from rtkit.train.vsait_losses import FEATURE_NETS, build_feature_extractor
+    from rtkit.train.vsait_losses import build_feature_extractor
 
     net = build_feature_extractor("vgg19_tiny", weights=tiny_vgg_file)
     x = torch.rand(1, 3, 32, 32) * 2 - 1

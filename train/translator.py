@@ -354,9 +354,12 @@ class TranslatorMethod:
     """One translation method: its networks, optimisers, schedules and training step.
 
     Subclasses set ``Options`` (a dataclass of hyper-parameters with the official defaults),
-    ``default_generator`` and ``export_kind`` ("lightning" or "net_G"), build ``self.nets``
-    (every trained network, by checkpoint name), ``self.optimizers`` and ``self.schedulers``
-    in ``__init__``, and implement ``train_step`` and ``translate``.
+    ``default_generator`` (a registered model) and ``uses_second_source`` (the batch then also
+    has "source2", an independent source batch); build ``self.generator``, ``self.nets`` (every
+    trained network, by checkpoint name), ``self.optimizers`` and ``self.schedulers`` in
+    ``__init__``; and implement ``train_step`` (all updates of one step; returns detached loss
+    tensors by name), ``translate`` (for the sample grid) and ``export_weights`` (the
+    generator in its official file format).
     """
 
     name: ClassVar[str] = ""
@@ -457,11 +460,6 @@ class TranslatorMethod:
         self.load_extra_state(state.get("extra", {}))
 
     # -- export
-    @property
-    def export_model(self) -> nn.Module:
-        """The registered module whose state the official generator file holds."""
-        return self.generator
-
     def export_weights(self, folder: Path, step: int) -> list[Path]:
         """Write the generator's official file for ``step`` (plus the 'latest' name); returns paths."""
         raise NotImplementedError
@@ -558,6 +556,9 @@ class VSAITMethod(TranslatorMethod):
                                            random_features=cfg.random_features, taps=opts.taps,
                                            normalize=opts.feature_normalize)
         self.hyperspace = Hyperspace(features, opts.hv_dim, opts.lsh_kernels, seed=opts.lsh_seed).to(self.device)
+        # Frozen and rebuilt on resume (LSH from lsh_seed, VGG from its file): check it is the same file.
+        from rtkit.engines.checkpoint import file_sha256
+        self.features_id = file_sha256(cfg.feature_weights) if cfg.feature_weights else "random"
         self.map_net = MappingNet(opts.hv_dim, opts.map_hidden or None).to(self.device)
         self.discriminator = HypervectorDiscriminator(opts.hv_dim, opts.d_channels).to(self.device)
         self.nets = {"g_net": self.generator, "g_net_map": self.map_net, "d_net": self.discriminator}
@@ -605,6 +606,15 @@ class VSAITMethod(TranslatorMethod):
     @torch.no_grad()
     def translate(self, x):
         return self.generator(x)
+
+    def extra_state(self) -> dict:
+        return {"features_sha256": self.features_id}
+
+    def load_extra_state(self, state: dict):
+        saved = state.get("features_sha256")
+        if saved is not None and saved != self.features_id:
+            raise RtkitError(f"the checkpoint was trained with other VGG features (sha256 {saved[:12]}, now "
+                             f"{self.features_id[:12]}); resume with the same --features file")
 
     def export_weights(self, folder: Path, step: int) -> list[Path]:
         from rtkit.engines.vsait import lightning_checkpoint
@@ -791,10 +801,6 @@ class UNSBMethod(TranslatorMethod):
         rule = linear_decay(cfg.steps, opts.decay_start)
         self.schedulers = {k: torch.optim.lr_scheduler.LambdaLR(o, rule) for k, o in self.optimizers.items()}
         self.finish_setup()
-
-    @property
-    def export_model(self) -> nn.Module:
-        return self.translator
 
     def _bridge_state(self, x: torch.Tensor, t: int, times: torch.Tensor) -> torch.Tensor:
         """x_t: the bridge simulated (no gradients) from ``x`` through evaluations 0..t-1."""
