@@ -263,6 +263,11 @@ class UnpairedCrops(torch.utils.data.Dataset):
         return out
 
 
+def _decode_worker_init(_worker_id: int):
+    cv2.setNumThreads(1)  # one image at a time per worker: inner threads only oversubscribe
+    torch.set_num_threads(1)
+
+
 def center_crops(domain: ImageDomain, count: int, crop: int, seed: int, stream: int = 7) -> torch.Tensor:
     """``count`` fixed images of a domain (a seeded choice), centre-cropped to ``crop``."""
     from rtkit.runtime.sources import DecodeError, decode_image
@@ -1047,10 +1052,12 @@ class TranslatorTrainer:
             self._log(f"nothing to do: already at step {start} of {cfg.steps}")
             summary.update(self._finish({}, time.perf_counter(), 0))
             return summary
+        # forkserver: forking the trainer after OpenCV's thread pool ran (the sample crops) can deadlock
+        worker_kw = dict(prefetch_factor=4, worker_init_fn=_decode_worker_init,
+                         multiprocessing_context="forkserver") if cfg.workers > 0 else {}
         loader = torch.utils.data.DataLoader(
             data, batch_size=None, sampler=range(start, cfg.steps), num_workers=cfg.workers,
-            pin_memory=ctx.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if cfg.workers > 0 else None)
+            pin_memory=ctx.device.type == "cuda", **worker_kw)
         self._log(f"{cfg.method}: {len(self.source)} source / {len(self.target)} target images, "
                   f"steps {start} -> {cfg.steps}, batch {cfg.batch_size} x {ctx.world_size} process(es), "
                   f"crop {cfg.crop_size}, {self.dtype or 'fp32'} on {ctx.device}")
