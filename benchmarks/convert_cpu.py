@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--engine", type=Path, default=BUNDLED_ONNX)
     ap.add_argument("--identities", type=int, default=60)
     ap.add_argument("--per-identity", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: rt-convert's")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

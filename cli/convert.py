@@ -71,7 +71,8 @@ Examples:
               help="JPEG/WebP quality.")
 @click.option("--size", callback=_size, help="Output size N or WxH (default: the source size). "
               "Images are resized to the engine's input size by the engine's resize policy and back.")
-@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1),
+              help="Images per runner call (default: 4 on CPU, 64 on GPU).")
 @click.option("--decode-workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="CPU threads decoding and preprocessing.")
 @click.option("--encode-workers", type=click.IntRange(min=1), default=2, show_default=True,
