@@ -61,3 +61,18 @@ def parse_extra(values: tuple[str, ...]) -> dict:
         else:
             out[k] = val
     return out
+
+
+def size_option(ctx, param, value):
+    """click callback: N or WxH -> (height, width)."""
+    if value is None:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().split("x")]
+    except ValueError:
+        raise click.BadParameter("expected N or WxH, e.g. 112 or 128x112") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[1], parts[0]  # WxH on the command line, (H, W) inside
+    raise click.BadParameter("expected N or WxH")

@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from rtkit.cli.common import engine_options, parse_extra, user_errors
+from rtkit.cli.common import engine_options, parse_extra, size_option, user_errors
 
 
 def _shard(ctx, param, value):
@@ -18,20 +18,6 @@ def _shard(ctx, param, value):
     if not (n >= 1 and 0 <= i < n):
         raise click.BadParameter(f"need 0 <= i < n, got {value}")
     return i, n
-
-
-def _size(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        parts = [int(v) for v in value.lower().split("x")]
-    except ValueError:
-        raise click.BadParameter("expected N or WxH, e.g. 112 or 128x112") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[1], parts[0]  # WxH on the command line, (H, W) inside
-    raise click.BadParameter("expected N or WxH")
 
 
 EPILOG = """\b
@@ -69,7 +55,7 @@ Examples:
               show_default=True, help="Output image format.")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
               help="JPEG/WebP quality.")
-@click.option("--size", callback=_size, help="Output size N or WxH (default: the source size). "
+@click.option("--size", callback=size_option, help="Output size N or WxH (default: the source size). "
               "Images are resized to the engine's input size by the engine's resize policy and back.")
 @click.option("--batch-size", "-b", type=click.IntRange(min=1),
               help="Images per runner call (default: 4 on CPU, 64 on GPU).")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from rtkit.cli.common import user_errors
+from rtkit.cli.common import size_option, user_errors
 from rtkit.engines.errors import EngineError
 
 EPILOG = """\b
@@ -49,20 +49,6 @@ def _batch(ctx, param, value):
     if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
         raise click.BadParameter(f"expected MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX, got {value}")
     return parts
-
-
-def _size(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        parts = [int(v) for v in value.lower().split("x")]
-    except ValueError:
-        raise click.BadParameter("expected N or WxH, e.g. 112 or 128x112") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[1], parts[0]  # WxH on the command line, (H, W) inside
-    raise click.BadParameter("expected N or WxH")
 
 
 def _list_models() -> None:
@@ -115,7 +101,7 @@ def _target(to: str | None, out: Path) -> str:
 @click.option("--channels", type=click.Choice(["RGB", "BGR"]),
               help="Channel order the engine takes, if not the model's (the graph flips channels "
                    "first). E.g. --channels RGB makes an AdaFace (BGR) engine usable by insightface.")
-@click.option("--image-size", callback=_size, metavar="WxH",
+@click.option("--image-size", callback=size_option, metavar="WxH",
               help="Plan profile size for fully convolutional models (any input size).  "
                    "[default: 112x112]")
 @click.option("--workspace-gb", type=float, default=4.0, show_default=True,

@@ -104,7 +104,8 @@ def test_batch_of_three_equals_three_single_runs():
     with torch.no_grad():
         together = model(x, w=0.5)
         one_by_one = torch.cat([model(x[i:i + 1], w=0.5) for i in range(3)])
-    torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=0)
+    # fp32 kernels round differently per batch size (seen: 1.06e-5); the zoo's fp32 bound is 1e-4.
+    torch.testing.assert_close(together, one_by_one, atol=1e-4, rtol=0)
 
 
 def test_input_size_is_enforced():

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from rtkit.engines.checkpoint import read_checkpoint
-from rtkit.engines.errors import CheckpointError
+from rtkit.engines.errors import CheckpointError, RtkitError
 
 
 # -- atomic writes --------------------------------------------------------------------------------
@@ -166,3 +166,27 @@ class CheckpointDir:
 
 __all__ = ["atomic_torch_save", "write_json_atomic", "load_training_state", "capture_rng_state",
            "restore_rng_state", "CheckpointDir"]
+
+
+def resolve_resume(ckpts: "CheckpointDir", out_dir: Path, resume) -> Path | None:
+    """Which checkpoint a run continues from: None (fresh; refused if ``out_dir`` already has
+    checkpoints), "latest"/"auto", an output folder (its latest checkpoint) or a file."""
+    if resume is None:
+        if ckpts.latest() is not None:
+            raise RtkitError(f"{out_dir} already has checkpoints; pass --resume to continue that run "
+                             f"or choose another --out")
+        return None
+    if str(resume) in ("latest", "auto"):
+        latest = ckpts.latest()
+        if latest is None:
+            raise RtkitError(f"no checkpoint to resume in {ckpts.root}")
+        return latest
+    path = Path(resume)
+    if path.is_dir():  # an output folder: its latest checkpoint
+        latest = CheckpointDir(path / "checkpoints").latest() or CheckpointDir(path).latest()
+        if latest is None:
+            raise RtkitError(f"no checkpoint to resume in {path}")
+        return latest
+    if not path.is_file():
+        raise RtkitError(f"checkpoint to resume not found: {path}")
+    return path

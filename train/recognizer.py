@@ -50,7 +50,7 @@ from torch import nn
 
 from rtkit.engines.errors import RtkitError
 from rtkit.train.checkpointing import (CheckpointDir, capture_rng_state, load_training_state,
-                                       restore_rng_state, write_json_atomic)
+                                       resolve_resume, restore_rng_state, write_json_atomic)
 from rtkit.train.data import (AugmentConfig, EpochSampler, FaceFolderDataset, index_face_folders,
                               make_loader, to_model_range)
 from rtkit.train.heads import MarginHead, build_head, split_norm
@@ -405,25 +405,7 @@ class RecognizerTrainer:
 
     # -- setup helpers
     def _resume_path(self, resume) -> Path | None:
-        if resume is None:
-            if self.ckpts.latest() is not None:
-                raise RtkitError(f"{self.out_dir} already has checkpoints; pass --resume to continue "
-                                 f"that run or choose another --out")
-            return None
-        if str(resume) in ("latest", "auto"):
-            latest = self.ckpts.latest()
-            if latest is None:
-                raise RtkitError(f"no checkpoint to resume in {self.ckpts.root}")
-            return latest
-        path = Path(resume)
-        if path.is_dir():  # an output folder: its latest checkpoint
-            latest = CheckpointDir(path / "checkpoints").latest() or CheckpointDir(path).latest()
-            if latest is None:
-                raise RtkitError(f"no checkpoint to resume in {path}")
-            return latest
-        if not path.is_file():
-            raise RtkitError(f"checkpoint to resume not found: {path}")
-        return path
+        return resolve_resume(self.ckpts, self.out_dir, resume)
 
     def _write_run_files(self):
         summary = {"images": len(self.index), "classes": self.index.num_classes, "roots": self.index.roots,

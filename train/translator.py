@@ -67,7 +67,8 @@ from torch import nn
 
 from rtkit.engines.errors import RtkitError
 from rtkit.train.checkpointing import (CheckpointDir, atomic_torch_save, capture_rng_state,
-                                       load_training_state, restore_rng_state, write_json_atomic)
+                                       load_training_state, resolve_resume, restore_rng_state,
+                                       write_json_atomic)
 from rtkit.train.logging import MetricLogger
 from rtkit.train.loop import (DistContext, RateMeter, autocast, init_distributed, make_grad_scaler,
                               resolve_precision, seed_everything)
@@ -955,25 +956,7 @@ class TranslatorTrainer:
             self._log_fn(msg)
 
     def _resume_path(self, resume) -> Path | None:
-        if resume is None:
-            if self.ckpts.latest() is not None:
-                raise RtkitError(f"{self.out_dir} already has checkpoints; pass --resume to continue that run "
-                                 f"or choose another --out")
-            return None
-        if str(resume) in ("latest", "auto"):
-            latest = self.ckpts.latest()
-            if latest is None:
-                raise RtkitError(f"no checkpoint to resume in {self.ckpts.root}")
-            return latest
-        path = Path(resume)
-        if path.is_dir():
-            latest = CheckpointDir(path / "checkpoints").latest() or CheckpointDir(path).latest()
-            if latest is None:
-                raise RtkitError(f"no checkpoint to resume in {path}")
-            return latest
-        if not path.is_file():
-            raise RtkitError(f"checkpoint to resume not found: {path}")
-        return path
+        return resolve_resume(self.ckpts, self.out_dir, resume)
 
     def _check_resumable(self, state: dict, path: Path):
         saved = TranslatorConfig.from_dict(state.get("config", {}))
