@@ -640,7 +640,11 @@ def train_recognizer(cfg: RecognizerConfig, out_dir: str | Path, *, resume: str 
     ctx = init_distributed(cfg.device)
     try:
         trainer = RecognizerTrainer(cfg, out_dir, resume=resume, ctx=ctx, on_step=on_step, log=log)
-        return trainer.fit()
+        summary = trainer.fit()
+        # Every rank leaves its last collective before any rank tears the group down; without
+        # this a gloo rank could abort at exit ("terminate called without an active exception").
+        ctx.barrier()
+        return summary
     finally:
         ctx.close()
 

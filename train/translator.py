@@ -1125,7 +1125,9 @@ def train_translator(cfg: TranslatorConfig, out_dir: str | Path, *, resume: str 
     ctx = init_distributed(cfg.device)
     try:
         trainer = TranslatorTrainer(cfg, out_dir, resume=resume, ctx=ctx, log=log)
-        return trainer.fit()
+        summary = trainer.fit()
+        ctx.barrier()  # all ranks out of their last collective before the group is torn down
+        return summary
     finally:
         ctx.close()
 
