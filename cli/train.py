@@ -14,11 +14,11 @@ def main():
 @main.command("demo-translator")
 @click.option("--out", type=click.Path(file_okay=False), default="engines/bundled", show_default=True,
               help="Folder for render2photo.safetensors / .onnx / .json.")
-@click.option("--steps", type=click.IntRange(min=1), default=800, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @user_errors
 def demo_translator(out, steps, seed):
-    """Train the bundled render2photo translator on the sample dataset (paired L1, CPU, minutes).
+    """Train the bundled render2photo translator on the sample dataset (paired L1, CPU, under a minute).
 
     This reproduces the engine shipped in engines/bundled/ and used by the demo.
     """

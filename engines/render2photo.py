@@ -1,8 +1,10 @@
 """render2photo: the small bundled translator of the demo (sample render style -> photo style).
 
-A residual encoder-decoder (two stride-2 stages, residual blocks at 1/4 resolution) that
-predicts a correction added to its input. About 0.3 M parameters and 0.8 GFLOP at 112x112, so the weights ship in the
-package; `rt-train demo-translator` reproduces them from the sample dataset.
+A residual encoder-decoder that works at 1/2 and 1/4 resolution (space-to-depth first, so no
+pixel is dropped) and predicts a correction added to its input. 51 K parameters and 0.13 GFLOP
+at 112x112: about 1.3 ms per image on one CPU core, so on CPU a conversion is bound by decode
+and encode, not by the network. The weights ship in the package; `rt-train demo-translator`
+reproduces them from the sample dataset.
 """
 from __future__ import annotations
 
@@ -34,34 +36,31 @@ class ResBlock(nn.Module):
 
 
 class Render2Photo(nn.Module):
-    """Widths (w, 2w, 4w) at full, 1/2 and 1/4 resolution, U-Net skips at the first two."""
+    """Space-to-depth by 2 (12 channels at 1/2 resolution, no detail lost), width w at 1/2 and
+    2w at 1/4 resolution with residual blocks, a U-Net skip, depth-to-space back to full size."""
 
-    def __init__(self, width: int = 16, blocks: int = 3):
+    def __init__(self, width: int = 16, blocks: int = 2):
         super().__init__()
         w = width
         act = nn.LeakyReLU(0.2)
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 3, padding=1), act)
-        self.down1 = nn.Sequential(nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), act)
-        self.down2 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 4, stride=2, padding=1), act)
-        self.body = nn.Sequential(*[ResBlock(4 * w) for _ in range(blocks)])
-        self.up2 = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                 nn.Conv2d(4 * w, 2 * w, 3, padding=1), act)
-        self.up1 = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                 nn.Conv2d(4 * w, w, 3, padding=1), act)
-        self.head = nn.Conv2d(2 * w, 3, 3, padding=1)
+        self.stem = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, w, 3, padding=1), act)
+        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), act)
+        self.body = nn.Sequential(*[ResBlock(2 * w) for _ in range(blocks)])
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                nn.Conv2d(2 * w, w, 3, padding=1), act)
+        self.head = nn.Sequential(nn.Conv2d(2 * w, 12, 3, padding=1), nn.PixelShuffle(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stem(x)
-        d1 = self.down1(s)
-        u1 = self.up1(torch.cat([self.up2(self.body(self.down2(d1))), d1], 1))
+        u = self.up(self.body(self.down(s)))
         # A correction on top of the input keeps geometry (identity) and learns the style.
-        return torch.clamp(x + self.head(torch.cat([u1, s], 1)), -1.0, 1.0)
+        return torch.clamp(x + self.head(torch.cat([u, s], 1)), -1.0, 1.0)
 
 
 @register_model("render2photo", spec=SPEC,
                 default_checkpoint=str(BUNDLED_WEIGHTS) if BUNDLED_WEIGHTS.exists() else None,
                 description="bundled demo translator: sample render style -> sample photo style")
-def render2photo(width: int = 16, blocks: int = 3) -> nn.Module:
+def render2photo(width: int = 16, blocks: int = 2) -> nn.Module:
     return Render2Photo(width, blocks)
 
 

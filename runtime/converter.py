@@ -23,7 +23,7 @@ from rtkit.engines.errors import RtkitError
 from rtkit.engines.spec import ModelSpec
 from rtkit.runtime.manifest import Manifest, manifest_path
 from rtkit.runtime.runners import Runner, open_engine
-from rtkit.runtime.sinks import OUTPUT_FORMATS, atomic_write, encode_image, temp_path
+from rtkit.runtime.sinks import OUTPUT_FORMATS, atomic_write, encode_bgr, temp_path
 from rtkit.runtime.sources import DecodeError, decode_image, walk_files
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_SOME_FAILED, EXIT_ABORTED = 0, 1, 2, 3
@@ -182,16 +182,28 @@ def preprocess(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return x
 
 
-def postprocess(y: np.ndarray, spec: ModelSpec, out_hw: tuple[int, int]) -> np.ndarray:
-    """3xHxW float in the spec's range -> out_hw uint8 RGB."""
+def to_uint8_hwc(y: np.ndarray, spec: ModelSpec, bgr: bool = False) -> np.ndarray:
+    """CxHxW or NxCxHxW float in the spec's range -> HxWxC / NxHxWxC uint8, contiguous, in RGB
+    (or BGR for OpenCV's encoders when ``bgr``). One vectorised pass for a whole batch."""
     lo, hi = spec.value_range
     img = (y.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    img = np.clip(np.rint(img), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-    if spec.channels == "BGR":
-        img = img[:, :, ::-1]
+    img = np.clip(np.rint(img, out=img), 0, 255, out=img).astype(np.uint8)
+    c = img.ndim - 3  # channel axis
+    if (spec.channels == "BGR") != bgr:
+        img = np.flip(img, axis=c)
+    return np.ascontiguousarray(np.moveaxis(img, c, -1))
+
+
+def restore_geometry(img: np.ndarray, spec: ModelSpec, out_hw: tuple[int, int]) -> np.ndarray:
+    """A model-sized output back to the source's frame and the requested output size."""
     if spec.resize == "warp" and spec.alignment != SOURCE_ALIGNMENT:
         return np.ascontiguousarray(_template_warp(img, spec.alignment, SOURCE_ALIGNMENT, out_hw))
     return np.ascontiguousarray(_resize(img, out_hw))
+
+
+def postprocess(y: np.ndarray, spec: ModelSpec, out_hw: tuple[int, int]) -> np.ndarray:
+    """3xHxW float in the spec's range -> out_hw uint8 RGB."""
+    return restore_geometry(to_uint8_hwc(y, spec), spec, out_hw)
 
 
 # -- the pipeline ---------------------------------------------------------------------------
@@ -199,10 +211,9 @@ def postprocess(y: np.ndarray, spec: ModelSpec, out_hw: tuple[int, int]) -> np.n
 @dataclass
 class _Item:
     relpath: str
-    out: Path
+    out: str                        # output path (a str: pathlib costs show at thousands of img/s)
     out_hw: tuple[int, int] | None = None
     x: np.ndarray | None = None
-    y: np.ndarray | None = None
 
 
 class _StageClock:
@@ -332,7 +343,7 @@ def _convert(runner: Runner, src: Path, out: Path, opts: ConvertOptions) -> Summ
                 summary.skipped += 1
                 summary.failures.append((row.relpath, f"skipped: {row.error}"))
                 continue
-            todo.append(_Item(row.relpath, target))
+            todo.append(_Item(row.relpath, os.fspath(target)))
         summary.total = len(planned)
         summary.adopted = len(adopted)
         man.start_run()
@@ -356,59 +367,80 @@ def _jsonable(d: dict) -> dict:
 
 def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
                   opts: ConvertOptions, man: Manifest, summary: Summary) -> None:
+    """Every queue carries whole batches, not images: one hand-over between threads per batch
+    keeps the interpreter's share (under the GIL) small next to decode, inference and encode,
+    which all run outside it."""
     if not todo:
         return
-    bound = opts.batch_size * opts.queue_batches
+    bs = opts.batch_size
     task_q: queue.Queue = queue.Queue()
-    decoded_q: queue.Queue = queue.Queue(maxsize=bound)
+    decoded_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
     batch_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
-    encode_q: queue.Queue = queue.Queue(maxsize=bound)
+    encode_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
     result_q: queue.Queue = queue.Queue()
     stop = threading.Event()
     clock = _StageClock()
-    for it in todo:
-        task_q.put(it)
+    for i in range(0, len(todo), bs):
+        task_q.put(todo[i:i + bs])
     for _ in range(opts.decode_workers):
         task_q.put(_DONE)
+    src_root = os.fspath(src)
 
     def decode_worker():
         while not stop.is_set():
-            it = task_q.get()
-            if it is _DONE:
+            chunk = task_q.get()
+            if chunk is _DONE:
                 break
             t0 = time.perf_counter()
-            try:
-                rgb = decode_image(src / it.relpath)
-                it.out_hw = opts.size or rgb.shape[:2]
-                it.x = preprocess(rgb, spec)
-                clock.add("decode", time.perf_counter() - t0)
-                decoded_q.put(it)
-            except DecodeError as e:
-                clock.add("decode", time.perf_counter() - t0)
-                result_q.put(("failed", it.relpath, str(e)))
-            except Exception as e:  # an image library error on one file must not stop the run
-                result_q.put(("failed", it.relpath, f"{type(e).__name__}: {e}"))
+            ok, failed = [], []
+            for it in chunk:
+                try:
+                    rgb = decode_image(os.path.join(src_root, it.relpath))
+                    it.out_hw = opts.size or rgb.shape[:2]
+                    it.x = preprocess(rgb, spec)
+                    ok.append(it)
+                except DecodeError as e:
+                    failed.append((it.relpath, str(e)))
+                except Exception as e:  # an image library error on one file must not stop the run
+                    failed.append((it.relpath, f"{type(e).__name__}: {e}"))
+            clock.add("decode", time.perf_counter() - t0)
+            if failed:
+                result_q.put(("failed", failed))
+            if ok:
+                decoded_q.put(ok)
         decoded_q.put(_DONE)
+
+    made_dirs: set[str] = set()
 
     def encode_worker():
         while True:
-            it = encode_q.get()
-            if it is _DONE:
+            job = encode_q.get()
+            if job is _DONE:
                 break
+            items, y = job
             t0 = time.perf_counter()
-            try:
-                data = encode_image(postprocess(it.y, spec, it.out_hw), opts.fmt, opts.quality)
-                it.out.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(it.out, data)
-                result_q.put(("done", it.relpath, hashlib.sha256(data).hexdigest()))
-            except Exception as e:
+            done, failed = [], []
+            imgs = to_uint8_hwc(y, spec, bgr=True)  # the whole batch in one pass
+            for it, img in zip(items, imgs):
                 try:
-                    temp_path(it.out).unlink(missing_ok=True)
-                except OSError:
-                    pass
-                result_q.put(("failed", it.relpath, f"cannot write output: {type(e).__name__}: {e}"))
-            finally:
-                clock.add("encode", time.perf_counter() - t0)
+                    data = encode_bgr(restore_geometry(img, spec, it.out_hw), opts.fmt, opts.quality)
+                    folder = os.path.dirname(it.out)
+                    if folder not in made_dirs:
+                        os.makedirs(folder, exist_ok=True)
+                        made_dirs.add(folder)
+                    atomic_write(it.out, data)
+                    done.append((it.relpath, hashlib.sha256(data).hexdigest()))
+                except Exception as e:
+                    try:
+                        os.unlink(temp_path(it.out))
+                    except OSError:
+                        pass
+                    failed.append((it.relpath, f"cannot write output: {type(e).__name__}: {e}"))
+            clock.add("encode", time.perf_counter() - t0)
+            if failed:
+                result_q.put(("failed", failed))
+            if done:
+                result_q.put(("done", done))
 
     errors: list[BaseException] = []
 
@@ -435,9 +467,9 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
                 stop.set()
                 continue
             clock.add("infer", time.perf_counter() - t0)
-            for it, yi in zip(items, y):
-                it.x, it.y = None, yi
-                encode_q.put(it)
+            for it in items:
+                it.x = None
+            encode_q.put((items, np.asarray(y)))
 
     decoders = [threading.Thread(target=decode_worker, daemon=True, name=f"decode-{i}")
                 for i in range(opts.decode_workers)]
@@ -458,13 +490,13 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
         done, failed = [], []
         while True:
             try:
-                kind, rel, val = result_q.get_nowait()
+                kind, rows = result_q.get_nowait()
             except queue.Empty:
                 break
             if kind == "done":
-                done.append((rel, val, runner.identity))
+                done += [(rel, digest, runner.identity) for rel, digest in rows]
             else:
-                failed.append((rel, val))
+                failed += rows
         if done or failed:
             man.record(done, failed)
             summary.converted += len(done)
@@ -490,20 +522,21 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
     try:
         while live_decoders:
             try:
-                it = decoded_q.get(timeout=0.05)
+                decoded = decoded_q.get(timeout=0.05)
             except queue.Empty:
                 drain()
                 continue
-            if it is _DONE:
+            if decoded is _DONE:
                 live_decoders -= 1
                 continue
             if stop.is_set():
                 continue
-            group = pending.setdefault(it.x.shape, [])
-            group.append(it)
-            if len(group) >= opts.batch_size:
-                run_batch(pending.pop(it.x.shape))
-                drain()
+            for it in decoded:
+                group = pending.setdefault(it.x.shape, [])
+                group.append(it)
+                if len(group) >= bs:
+                    run_batch(pending.pop(it.x.shape))
+            drain()
         if not stop.is_set():
             for group in pending.values():
                 run_batch(group)

@@ -12,7 +12,11 @@ OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 
 
 def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int = 95, png_level: int = 3) -> bytes:
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    return encode_bgr(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), fmt, quality, png_level)
+
+
+def encode_bgr(bgr: np.ndarray, fmt: str = "png", quality: int = 95, png_level: int = 3) -> bytes:
+    """Encode an HxWx3 uint8 BGR image (OpenCV's order, so no colour conversion is needed)."""
     if fmt == "png":
         params = [cv2.IMWRITE_PNG_COMPRESSION, png_level]
     elif fmt == "jpg":
@@ -27,16 +31,22 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int = 95, png_level
     return buf.tobytes()
 
 
-def temp_path(final: Path) -> Path:
+def temp_path(final: str | Path) -> str:
     """The deterministic temporary name of ``final``: a rerun overwrites, never accumulates."""
-    return final.with_name(f".{final.name}.part")
+    head, name = os.path.split(os.fspath(final))
+    return os.path.join(head, f".{name}.part")
 
 
-def atomic_write(final: Path, data: bytes, fsync: bool = False) -> None:
+def atomic_write(final: str | Path, data: bytes, fsync: bool = False) -> None:
+    # Plain os calls: this runs once per output image, where pathlib's overhead shows.
     tmp = temp_path(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, final)

@@ -97,12 +97,13 @@ def _check_jpeg_headers(data: bytes) -> None:
 
 def decode_image(path: str | Path) -> np.ndarray:
     """Read an image file as HxWx3 uint8 RGB, or raise DecodeError with the reason."""
-    path = Path(path)
+    path = os.fspath(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            data = f.read()
     except OSError as e:
         raise DecodeError(f"unreadable: {e.strerror or e}") from None
-    return decode_bytes(data, path.suffix.lower())
+    return decode_bytes(data, os.path.splitext(path)[1].lower())
 
 
 def decode_bytes(data: bytes, suffix: str = "") -> np.ndarray:
