@@ -23,7 +23,7 @@ from rtkit.engines.errors import RtkitError
 from rtkit.engines.spec import ModelSpec
 from rtkit.runtime.manifest import Manifest, manifest_path
 from rtkit.runtime.runners import Runner, open_engine
-from rtkit.runtime.sinks import OUTPUT_FORMATS, atomic_write, encode_bgr, temp_path
+from rtkit.runtime.sinks import OUTPUT_FORMATS, atomic_write, encode_image, temp_path
 from rtkit.runtime.sources import DecodeError, decode_image, walk_files
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_SOME_FAILED, EXIT_ABORTED = 0, 1, 2, 3
@@ -182,14 +182,14 @@ def preprocess(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return x
 
 
-def to_uint8_hwc(y: np.ndarray, spec: ModelSpec, bgr: bool = False) -> np.ndarray:
-    """CxHxW or NxCxHxW float in the spec's range -> HxWxC / NxHxWxC uint8, contiguous, in RGB
-    (or BGR for OpenCV's encoders when ``bgr``). One vectorised pass for a whole batch."""
+def to_uint8_hwc(y: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """CxHxW or NxCxHxW float in the spec's range -> HxWx3 / NxHxWx3 uint8 RGB, contiguous.
+    One vectorised pass for a whole batch."""
     lo, hi = spec.value_range
     img = (y.astype(np.float32) - lo) * (255.0 / (hi - lo))
     img = np.clip(np.rint(img, out=img), 0, 255, out=img).astype(np.uint8)
     c = img.ndim - 3  # channel axis
-    if (spec.channels == "BGR") != bgr:
+    if spec.channels == "BGR":
         img = np.flip(img, axis=c)
     return np.ascontiguousarray(np.moveaxis(img, c, -1))
 
@@ -420,10 +420,10 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
             items, y = job
             t0 = time.perf_counter()
             done, failed = [], []
-            imgs = to_uint8_hwc(y, spec, bgr=True)  # the whole batch in one pass
+            imgs = to_uint8_hwc(y, spec)  # the whole batch in one pass
             for it, img in zip(items, imgs):
                 try:
-                    data = encode_bgr(restore_geometry(img, spec, it.out_hw), opts.fmt, opts.quality)
+                    data = encode_image(restore_geometry(img, spec, it.out_hw), opts.fmt, opts.quality)
                     folder = os.path.dirname(it.out)
                     if folder not in made_dirs:
                         os.makedirs(folder, exist_ok=True)
@@ -486,7 +486,15 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
         progress = tqdm(total=len(todo), unit="img", dynamic_ncols=True, file=sys.stderr,
                         desc="rt-convert", smoothing=0.1)
 
-    def drain():
+    last_drain = [0.0]
+
+    def drain(every: float = 0.0):
+        # The manifest is written a few times a second, not per batch: a commit per batch would
+        # cost more than the images. Outputs written but not yet recorded are adopted on resume.
+        now = time.perf_counter()
+        if now - last_drain[0] < every:
+            return
+        last_drain[0] = now
         done, failed = [], []
         while True:
             try:
@@ -515,7 +523,7 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
                 batch_q.put(items, timeout=0.05)
                 return
             except queue.Full:
-                drain()
+                drain(every=0.25)
 
     pending: dict[tuple, list[_Item]] = {}  # one batch per input shape (fully convolutional models)
     live_decoders = len(decoders)
@@ -524,7 +532,7 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
             try:
                 decoded = decoded_q.get(timeout=0.05)
             except queue.Empty:
-                drain()
+                drain(every=0.25)
                 continue
             if decoded is _DONE:
                 live_decoders -= 1
@@ -536,7 +544,7 @@ def _run_pipeline(runner: Runner, spec: ModelSpec, src: Path, todo: list[_Item],
                 group.append(it)
                 if len(group) >= bs:
                     run_batch(pending.pop(it.x.shape))
-            drain()
+            drain(every=0.25)
         if not stop.is_set():
             for group in pending.values():
                 run_batch(group)

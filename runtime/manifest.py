@@ -132,10 +132,12 @@ class Manifest:
 
     # -- progress ----------------------------------------------------------------------
     def mark_running(self, relpaths: list[str]) -> None:
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.executemany("UPDATE files SET status='running', run=?, updated=? WHERE relpath=?",
-                                [(self.run_id, time.time(), r) for r in relpaths])
+        # One statement per batch (a transaction of its own): this runs for every batch.
+        for i in range(0, len(relpaths), 500):  # stay under SQLite's bound-parameter limit
+            part = relpaths[i:i + 500]
+            self.db.execute(f"UPDATE files SET status='running', run=?, updated=? "
+                            f"WHERE relpath IN ({','.join('?' * len(part))})",
+                            (self.run_id, time.time(), *part))
 
     def record(self, done: list[tuple[str, str, str]], failed: list[tuple[str, str]],
                adopted: list[tuple[str, str]] = ()) -> None:
