@@ -11,13 +11,13 @@ import hashlib
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Mapping
-
-import torch
-from torch import nn
-
+from typing import TYPE_CHECKING, Mapping
 
 from rtkit.engines.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read, so file_sha256 stays light
+    import torch
+    from torch import nn
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -33,6 +33,8 @@ def read_checkpoint(path: str | Path) -> dict:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"cannot read safetensors file {path}: {e}") from None
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
@@ -49,6 +51,8 @@ def unwrap(obj: Mapping, key: str | None = None, prefix: str = "", *, path=None)
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path or 'checkpoint'}: expected a dict of tensors, got {type(obj).__name__}")
+    import torch
+
     sd = obj
     if key is not None and key in obj and isinstance(obj[key], Mapping):
         sd = obj[key]

@@ -4,22 +4,40 @@ A Runner is a context manager with ``infer(batch, **extra) -> batch`` and a ``sp
 is NCHW in the model's range and channel order (``spec``), as a numpy array or a torch tensor;
 the output comes back as the same kind. ``extra`` overrides runtime inputs such as CodeFormer's
 ``w`` (defaults come from the spec / engine metadata).
+
+torch is imported only by the runners that compute with it (torch, TensorRT, step loops):
+an ONNX engine fed numpy runs without it.
 """
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from rtkit.engines.errors import EngineError, optional_import
 from rtkit.engines.spec import ModelSpec
 from rtkit.export.metadata import EngineMeta, read_metadata
 
+if TYPE_CHECKING:
+    import torch
+
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _torch_dtype(precision: str) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _is_torch_tensor(x) -> bool:
+    """True for a torch tensor, without importing torch (a tensor implies torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 class Runner:
@@ -59,8 +77,10 @@ class TorchRunner(Runner):
 
     def __init__(self, model: torch.nn.Module, *, device: str = "cpu", precision: str = "fp32",
                  extra: dict | None = None, checkpoint_sha256: str | None = None):
-        if precision not in _DTYPES:
-            raise EngineError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+        import torch
+
+        if precision not in PRECISIONS:
+            raise EngineError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         name = getattr(model, "registry_name", type(model).__name__)
         meta = EngineMeta(model=name, spec=model.spec, precision=precision,
                           checkpoint_sha256=checkpoint_sha256)
@@ -73,21 +93,23 @@ class TorchRunner(Runner):
             checkpoint_sha256 = h.hexdigest()
         super().__init__(meta, _sha256_text("torch", name, checkpoint_sha256, precision), extra)
         self.device = torch.device(device)
-        self.dtype = _DTYPES[precision]
+        self.dtype = _torch_dtype(precision)
         self.model = model.to(self.device, self.dtype).eval()
 
-    @torch.inference_mode()
     def infer(self, batch, **extra):
-        as_numpy = isinstance(batch, np.ndarray)
-        x = torch.from_numpy(batch) if as_numpy else batch
-        out_dtype = x.dtype
-        x = x.to(self.device, self.dtype, non_blocking=True)
-        kwargs = {**self.extra, **extra}
-        y = self.model(x, **kwargs) if kwargs else self.model(x)
-        if isinstance(y, (tuple, list)):
-            y = y[0]
-        y = y.to(out_dtype)
-        return y.cpu().numpy() if as_numpy else y
+        import torch
+
+        with torch.inference_mode():
+            as_numpy = isinstance(batch, np.ndarray)
+            x = torch.from_numpy(batch) if as_numpy else batch
+            out_dtype = x.dtype
+            x = x.to(self.device, self.dtype, non_blocking=True)
+            kwargs = {**self.extra, **extra}
+            y = self.model(x, **kwargs) if kwargs else self.model(x)
+            if isinstance(y, (tuple, list)):
+                y = y[0]
+            y = y.to(out_dtype)
+            return y.cpu().numpy() if as_numpy else y
 
 
 class OnnxRunner(Runner):
@@ -149,13 +171,17 @@ class OnnxRunner(Runner):
         feed = {self.meta.input_name: np.ascontiguousarray(x, dtype=self._np_dtype)}
         for k, v in {**self.extra, **extra}.items():
             if k in self.inputs:
-                if isinstance(v, torch.Tensor):
+                if _is_torch_tensor(v):
                     v = v.detach().cpu().numpy()
                 arr = self._feed_extra(k, v)
                 if arr is not None:
                     feed[k] = arr
         y = self.session.run([self.output_name], feed)[0].astype(out_dtype, copy=False)
-        return y if as_numpy else torch.from_numpy(y).to(batch.device)
+        if as_numpy:
+            return y
+        import torch  # the batch was a tensor, so torch is already loaded
+
+        return torch.from_numpy(y).to(batch.device)
 
 
 class TensorRTRunner(Runner):
@@ -169,6 +195,8 @@ class TensorRTRunner(Runner):
 
     def __init__(self, path: str | Path, *, device: str = "cuda", extra: dict | None = None):
         from rtkit.engines.checkpoint import file_sha256
+
+        import torch
 
         path = Path(path)
         meta = read_metadata(path)
@@ -202,12 +230,16 @@ class TensorRTRunner(Runner):
         self.output_names = [n for n in self.names if n not in self.input_names]
 
     def _torch_dtype(self, name):
+        import torch
+
         trt = self._trt
         return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
                 trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
                 trt.DataType.BF16: torch.bfloat16}[self.engine.get_tensor_dtype(name)]
 
     def infer(self, batch, **extra):
+        import torch
+
         as_numpy = isinstance(batch, np.ndarray)
         x = torch.from_numpy(batch) if as_numpy else batch
         out_dtype = x.dtype
@@ -281,6 +313,8 @@ class StepLoopRunner(Runner):
         self.step.close()
 
     def infer(self, batch, **extra):
+        import torch
+
         as_numpy = isinstance(batch, np.ndarray)
         x = torch.from_numpy(batch) if as_numpy else batch
 
@@ -302,8 +336,6 @@ def open_engine(engine: str | Path, *, device: str = "cpu", backend: str | None 
                 extra: dict | None = None, threads: int | None = None) -> Runner:
     """Open a runner for an engine file (.onnx, .plan), a checkpoint with a sidecar JSON naming
     its model, or a registered model name (with ``checkpoint``, else its bundled weights)."""
-    from rtkit.engines import registry
-
     p = Path(engine)
     kind = backend
     if kind is None:
@@ -321,6 +353,7 @@ def open_engine(engine: str | Path, *, device: str = "cpu", backend: str | None 
         return _wrap_step(TensorRTRunner(p, device=device), extra)
     if kind != "torch":
         raise EngineError(f"unknown backend {backend!r}; use torch, onnxruntime or tensorrt")
+    from rtkit.engines import registry
     from rtkit.engines.checkpoint import file_sha256
 
     if p.suffix in CHECKPOINT_SUFFIXES and p.is_file():
