@@ -792,7 +792,13 @@ class UNSBMethod(TranslatorMethod):
         self.generator = self.translator.generator
         if cfg.generator_checkpoint is None:
             init_official_(self.generator)
-        self.layers = list(opts.nce_layers)
+        # NCE layers are numbered over the encoder and the residual blocks; a smaller generator
+        # (unsb_tiny: 12 + 2) lacks the deepest default ones, and the NCE mean is over those it has.
+        depth = len(self.generator.model) + len(self.generator.model_res)
+        self.layers = [int(i) for i in opts.nce_layers if 0 <= int(i) < depth]
+        if not self.layers:
+            raise RtkitError(f"none of the NCE layers {tuple(opts.nce_layers)} exists in this generator "
+                             f"(layers 0..{depth - 1})")
         self.z_dim = self.generator.z_dim
         with torch.no_grad():
             probe = torch.zeros(1, 3, cfg.crop_size, cfg.crop_size, device=self.device)
