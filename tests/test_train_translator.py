@@ -82,8 +82,10 @@ RECIPES = {
                                               vsa_weight=3.0)),
     "decent": dict(generator="cut_tiny", batch_size=2, crop_size=32, steps=30, save_every=14,
                    options=dict(ndf=8, num_patches=64, lr=2e-3)),
-    "unsb": dict(generator="unsb_tiny", batch_size=2, crop_size=32, steps=20, save_every=9,
-                 options=dict(ndf=8, num_patches=64, netf_nc=32, lr=2e-3, lambda_nce=4.0)),
+    # UNSB: lr 1e-3 and a one-layer D keep content and let the NCE head learn in 40 steps (at 2e-3
+    # the head's outputs collapse to one direction and NCE sits at chance, ln 64, for the whole run).
+    "unsb": dict(generator="unsb_tiny", batch_size=2, crop_size=32, steps=40, save_every=19,
+                 options=dict(ndf=8, n_layers_d=1, num_patches=64, netf_nc=32, lr=1e-3, lambda_nce=4.0)),
 }
 
 
@@ -138,10 +140,18 @@ def test_training_closes_style_gap_and_keeps_identity(method, trained, domains):
 
 
 def test_unsb_trains_and_keeps_identity(trained, domains):
+    """UNSB is not in the style-gap test: nothing in its objective pulls colour towards the target
+    except its PatchGAN, and at this scale the discriminator separates the two sets by face shape:
+    the official 3-layer one, trained 300 steps, still scores a target crop with a +64 red cast or
+    in grey as real (a 1-layer one reacts weakly). So the gap after a few dozen steps wanders
+    around the source's: with this recipe 13.98 -> 6.9 .. 18.4 over training seeds 0-5. DECENT
+    gets the target colours from its L1 identity term, VSAIT from colour-aware hypervectors.
+    Checked here: the contrastive head learns, content is kept, the sampler is seeded."""
     out, summary = trained("unsb")
     rows = _log_rows(out)
     nce = [float(rows[s]["NCE"]) for s in sorted(rows) if rows[s].get("NCE")]
-    assert all(np.isfinite(nce)) and np.mean(nce[-5:]) < np.mean(nce[:5])
+    chance = np.log(RECIPES["unsb"]["options"]["num_patches"])  # every patch equally likely
+    assert all(np.isfinite(nce)) and np.mean(nce[-5:]) < chance - 0.2
     model = create("unsb_tiny", checkpoint=summary["weights"])
     src = _images(domains[0])
     with torch.no_grad():
@@ -152,8 +162,9 @@ def test_unsb_trains_and_keeps_identity(trained, domains):
     corr_other = content_correlation(src, translated.roll(1, 0))
     print(f"unsb: style gap {style_distance(src, _images(domains[1])):.2f} -> "
           f"{style_distance(translated, _images(domains[1])):.2f}; luma correlation {corr.mean():.3f} "
-          f"(other image {corr_other.mean():.3f})")
-    assert corr.mean() > corr_other.mean() + 0.1
+          f"(other image {corr_other.mean():.3f}); NCE {np.mean(nce[-5:]):.2f} (chance {chance:.2f})")
+    assert corr.mean() > 0.6
+    assert corr.mean() > corr_other.mean() + 0.15
 
 
 # -- output folder, resume --------------------------------------------------------------------------
@@ -284,6 +295,13 @@ def test_random_features_are_explicit(domains, tmp_path):
     cfg = _config("vsait", domains, None, feature_weights=None, steps=1)
     with pytest.raises(RtkitError, match="--random-features"):
         train_translator(cfg, tmp_path / "a", log=None)
+
+
+def test_unsb_nce_layers_beyond_the_generator(domains, tmp_path):
+    """unsb_tiny has layers 0..13: the default deepest NCE layer (16) is skipped, none left is an error."""
+    opts = dict(RECIPES["unsb"]["options"], nce_layers=(14, 16))
+    with pytest.raises(RtkitError, match="none of the NCE layers"):
+        train_translator(_config("unsb", domains, None, steps=1, options=opts), tmp_path / "u", log=None)
 
 
 def test_lsh_is_cosine_of_concatenated_patches():
