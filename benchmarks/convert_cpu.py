@@ -45,9 +45,9 @@ def naive(engine: Path, src: Path, out: Path, writer: str) -> float:
         target.parent.mkdir(parents=True, exist_ok=True)
         result = postprocess(y, spec, rgb.shape[:2])
         if writer == "libpng":
-            cv2.imwrite(str(target), cv2.cvtColor(result, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+            cv2.imwrite(str(target), cv2.cvtColor(result, cv2.COLOR_RGB2BGR))  # OpenCV's defaults
         else:
-            target.write_bytes(encode_png(result, 3))
+            target.write_bytes(encode_png(result))
     return len(files) / (time.perf_counter() - t0)
 
 
@@ -73,7 +73,7 @@ def serial_rtkit(args: tuple) -> tuple[int, float]:
         y = sess.run(None, {"input": preprocess(rgb, spec)[None]})[0][0]
         target = os.path.join(out, f)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        data = encode_png(postprocess(y, spec, rgb.shape[:2]), 3)
+        data = encode_png(postprocess(y, spec, rgb.shape[:2]))
         atomic_write(target, data)
         hashlib.sha256(data).hexdigest()
     return len(files), time.perf_counter() - t0

@@ -22,7 +22,10 @@ def _shard(ctx, param, value):
 
 EPILOG = """\b
 Pipeline: decode workers -> batcher -> runner -> encode workers, overlapped with bounded
-queues. OUT mirrors SRC (file extensions follow --format). The job manifest
+queues. An ONNX engine on CPU runs instead as one process per core (--processes), each
+decoding, translating and encoding whole batches, overlapping with the others; the main
+process hands out batches and keeps the manifest. OUT mirrors SRC (file extensions follow
+--format). The job manifest
 OUT/.rtkit/manifest.sqlite (manifest.shard-I-of-N.sqlite with --shard) has one row per
 source file: status (done/failed/skipped), error, output, sha256, engine.
 
@@ -67,6 +70,9 @@ Examples:
               "concurrently (default: one per core for an ONNX engine on CPU, else 1).")
 @click.option("--runner-threads", type=click.IntRange(min=1), help="Intra-op threads of the ONNX "
               "Runtime CPU runner (default: all cores).")
+@click.option("--processes", type=click.IntRange(min=0), help="ONNX engines on CPU: conversion "
+              "processes, one single-threaded engine each (default: one per core; 0 = the threaded "
+              "pipeline in one process, as for GPU, TensorRT and torch engines).")
 @click.option("--shard", callback=_shard, metavar="I/N", help="Convert only shard I of N (0-based).")
 @click.option("--max-failures", type=click.IntRange(min=0),
               help="Stop (exit 3) once more files than this have failed in this run.")
@@ -79,14 +85,14 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def main(src, out, engine, checkpoint, device, backend, precision, fmt, quality, size, batch_size,
-         decode_workers, encode_workers, infer_workers, runner_threads, shard, max_failures, extra, retry_failed,
+         decode_workers, encode_workers, infer_workers, runner_threads, processes, shard, max_failures, extra, retry_failed,
          restart, sheet, quiet):
     """Convert every image under SRC through a translator ENGINE into OUT."""
     from rtkit.runtime.converter import convert
 
     summary = convert(engine, src, out, device=device, backend=backend, checkpoint=checkpoint,
                       precision=precision, extra=parse_extra(extra), runner_threads=runner_threads,
-                      infer_workers=infer_workers,
+                      infer_workers=infer_workers, processes=processes,
                       fmt=fmt, quality=quality, size=size, batch_size=batch_size,
                       decode_workers=decode_workers, encode_workers=encode_workers, shard=shard,
                       max_failures=max_failures, retry_failed=retry_failed, restart=restart,

@@ -42,9 +42,18 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory.mktemp("engine"), "render2photo_tiny")
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def tiny_engine(request, tmp_path_factory) -> Path:
+    """The same tiny translator as a checkpoint (threaded pipeline) and as an ONNX engine (on CPU:
+    one conversion process per core), so every behaviour below is checked in both modes."""
+    tmp = tmp_path_factory.mktemp("engine")
+    ckpt = _checkpoint(tmp, "render2photo_tiny")
+    if request.param == "torch":
+        return ckpt
+    from rtkit.export import to_onnx
+
+    return to_onnx(create("render2photo_tiny", checkpoint=ckpt), tmp / "render2photo_tiny.onnx",
+                   checkpoint=ckpt, log=None)
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
@@ -69,6 +78,18 @@ def test_converts_tree_mirrored_with_model_output(dataset, tiny_engine, tmp_path
     with Manifest(manifest_path(out)) as m:
         rows = m.rows()
     assert {r.status for r in rows} == {"done"} and all(r.conversions == 1 for r in rows)
+
+
+def test_cpu_processes_equal_the_threaded_pipeline(dataset, tiny_engine, tmp_path):
+    if tiny_engine.suffix != ".onnx":
+        pytest.skip("conversion processes run ONNX engines")
+    a = convert(tiny_engine, dataset, tmp_path / "processes", progress=False, processes=2, batch_size=3)
+    b = convert(tiny_engine, dataset, tmp_path / "threads", progress=False, processes=0, batch_size=3)
+    assert a.workers == {"processes": 2} and "processes" not in b.workers
+    assert a.converted == b.converted == 24 and set(a.stage_s) == {"decode", "infer", "encode"}
+    assert _outputs(tmp_path / "processes") == _outputs(tmp_path / "threads")
+    with Manifest(manifest_path(tmp_path / "processes")) as m:
+        assert {(r.status, r.conversions) for r in m.rows()} == {("done", 1)}
 
 
 def test_second_run_redoes_nothing(dataset, tiny_engine, tmp_path):
@@ -158,10 +179,16 @@ def _run(fn, engine, src, out):
     return out
 
 
-def test_sigkill_then_resume_is_exactly_once(tmp_path):
+@pytest.mark.parametrize("kind", ["torch", "onnx"])
+def test_sigkill_then_resume_is_exactly_once(kind, tmp_path):
+    """torch: the threaded pipeline; onnx: conversion processes, which must die with the run."""
+    from rtkit.engines.render2photo import BUNDLED_ONNX
+
     src = tmp_path / "src"
-    make_sample_dataset(src, style="render", identities=12, per_identity=8, seed=1)
-    engine = _checkpoint(tmp_path, "render2photo")
+    ids = 12 if kind == "torch" else 40  # the ONNX processes are fast: more images to kill mid-way
+    make_sample_dataset(src, style="render", identities=ids, per_identity=8, seed=1)
+    total = ids * 8
+    engine = _checkpoint(tmp_path, "render2photo") if kind == "torch" else BUNDLED_ONNX
     ref = tmp_path / "ref"
     convert(engine, src, ref, progress=False, batch_size=4)
 
@@ -173,11 +200,14 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list(out.rglob("*.png"))) < 16:
         assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.01)
+        time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = len(list(out.rglob("*.png")))
-    assert 16 <= written < 96, "the run must be killed mid-way"
+    time.sleep(0.3)
+    written = sorted(out.rglob("*.png"))
+    assert 16 <= len(written) < total, "the run must be killed mid-way"
+    time.sleep(0.3)
+    assert sorted(out.rglob("*.png")) == written, "no process may go on writing after the run is killed"
 
     res = subprocess.run(cmd, capture_output=True, env=env, text=True)
     assert res.returncode == 0, res.stderr
@@ -186,7 +216,7 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path):
     assert not list(out.rglob("*.part"))
     db = sqlite3.connect(manifest_path(out))
     assert db.execute("SELECT count(*), min(conversions), max(conversions) FROM files "
-                      "WHERE status='done'").fetchone() == (96, 1, 1)
+                      "WHERE status='done'").fetchone() == (total, 1, 1)
     runs = db.execute("SELECT state FROM runs ORDER BY id").fetchall()
     assert runs[-1] == ("finished",) and len(runs) == 2
 
