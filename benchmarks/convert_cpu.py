@@ -69,7 +69,7 @@ def serial_rtkit(args: tuple) -> tuple[int, float]:
     sess = ort.InferenceSession(str(engine), so, providers=["CPUExecutionProvider"])
     t0 = time.perf_counter()
     for f in files:
-        rgb = decode_image(os.path.join(src, f))
+        rgb = decode_image(os.path.join(src, f), spng=True)
         y = sess.run(None, {"input": preprocess(rgb, spec)[None]})[0][0]
         target = os.path.join(out, f)
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -111,9 +111,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
 
-    import multiprocessing
+    from rtkit.runtime.processes import process_context
 
-    pool = multiprocessing.get_context("forkserver").Pool(os.cpu_count() or 1)
+    pool = process_context().Pool(os.cpu_count() or 1)  # the fork server rt-convert's processes use
     with pool, tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         src = tmp / "src"

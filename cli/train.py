@@ -14,7 +14,8 @@ def main():
 @main.command("demo-translator")
 @click.option("--out", type=click.Path(file_okay=False), default="engines/bundled", show_default=True,
               help="Folder for render2photo.safetensors / .onnx / .json.")
-@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=6000, show_default=True,
+              help="Training steps (6000 is the recipe of the shipped weights).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @user_errors
 def demo_translator(out, steps, seed):

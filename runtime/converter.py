@@ -312,19 +312,25 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
     own_runner = not isinstance(engine, Runner)
     engine_args = dict(engine=engine, device=device, backend=backend, checkpoint=checkpoint,
                        precision=precision, extra=extra, threads=runner_threads)
-    runner = open_engine(**engine_args) if own_runner else engine
+    pool = None
+    runner = None
     try:
+        if processes:
+            from rtkit.runtime.processes import ProcessPool
+            pool = ProcessPool(engine_args, processes, src, opts)
+        runner = open_engine(**engine_args) if own_runner else engine
         if runner.spec.task != "translate":
             raise RtkitError(f"{runner.describe()} is a '{runner.spec.task}' engine; rt-convert needs "
                              f"an image-to-image translator")
-        return _convert(runner, src, out, opts, engine_args if processes else None, processes)
+        return _convert(runner, src, out, opts, pool)
     finally:
-        if own_runner:
+        if pool is not None:
+            pool.close()
+        if own_runner and runner is not None:
             runner.close()
 
 
-def _convert(runner: Runner, src: Path, out: Path, opts: ConvertOptions,
-             engine_args: dict | None = None, processes: int = 0) -> Summary:
+def _convert(runner: Runner, src: Path, out: Path, opts: ConvertOptions, pool=None) -> Summary:
     t_start = time.perf_counter()
     spec = runner.spec
     config = {"engine": runner.identity, "format": opts.fmt,
@@ -334,7 +340,7 @@ def _convert(runner: Runner, src: Path, out: Path, opts: ConvertOptions,
     mpath = manifest_path(out, opts.shard)
     summary = Summary(engine=runner.describe(), src=str(src), out=str(out), manifest=str(mpath),
                       workers={"decode": opts.decode_workers, "infer": opts.infer_workers,
-                               "encode": opts.encode_workers} if not processes else {"processes": processes})
+                               "encode": opts.encode_workers} if pool is None else {"processes": len(pool)})
     with Manifest(mpath) as man:
         man.bind_job(config, restart=opts.restart)
         planned, skipped = plan_job(src, out, opts)
@@ -375,9 +381,8 @@ def _convert(runner: Runner, src: Path, out: Path, opts: ConvertOptions,
         try:
             if not todo:
                 pass
-            elif processes:
-                from rtkit.runtime.processes import run_processes
-                run_processes(engine_args, processes, src, todo, opts, rec, clock)
+            elif pool is not None:
+                pool.run(todo, rec, clock)
             else:
                 _run_threads(runner, spec, src, todo, opts, rec, clock)
             state = "aborted" if summary.aborted else "finished"
@@ -396,13 +401,13 @@ def _jsonable(d: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in d.items()}
 
 
-def decode_batch(items: list[_Item], src_root: str, spec: ModelSpec, size: tuple[int, int] | None
-                 ) -> tuple[list[_Item], list[tuple[str, str]]]:
+def decode_batch(items: list[_Item], src_root: str, spec: ModelSpec, size: tuple[int, int] | None,
+                 spng: bool = False) -> tuple[list[_Item], list[tuple[str, str]]]:
     """Read, decode and preprocess a batch: (items with .x set, [(relpath, reason)] failures)."""
     ok, failed = [], []
     for it in items:
         try:
-            rgb = decode_image(os.path.join(src_root, it.relpath))
+            rgb = decode_image(os.path.join(src_root, it.relpath), spng)
             it.out_hw = size or rgb.shape[:2]
             it.x = preprocess(rgb, spec)
             ok.append(it)

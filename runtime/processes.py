@@ -63,7 +63,7 @@ def _worker(conn, engine_args: dict, src_root: str, opts: ConvertOptions) -> Non
             break
         items = [_Item(rel, out) for rel, out in job]
         t0 = time.perf_counter()
-        ok, failed = decode_batch(items, src_root, spec, opts.size)
+        ok, failed = decode_batch(items, src_root, spec, opts.size, spng=True)
         t1 = time.perf_counter()
         done, infer_s, encode_s = [], 0.0, 0.0
         try:
@@ -93,7 +93,8 @@ def _portable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
-def _context():
+def process_context():
+    """The multiprocessing context of conversion processes (benchmarks use it for their baselines)."""
     methods = multiprocessing.get_all_start_methods()
     if "forkserver" not in methods:  # Windows
         return multiprocessing.get_context("spawn")
@@ -130,25 +131,34 @@ class _Worker:
                           f"and are redone when you run the same command again")
 
 
-def run_processes(engine_args: dict, n: int, src: Path, todo: list[_Item], opts: ConvertOptions,
-                  rec: _Recorder, clock: _StageClock) -> None:
-    batches = collections.deque(todo[i:i + opts.batch_size] for i in range(0, len(todo), opts.batch_size))
-    n = max(1, min(n, len(batches)))
-    ctx = _context()
-    workers = [_Worker(ctx, engine_args, os.fspath(src), opts) for _ in range(n)]
-    by_conn = {w.conn: w for w in workers}
+class ProcessPool:
+    """``n`` conversion processes, started before the parent plans the job so that their start-up
+    (fork, imports, engine session) overlaps the parent's walk and manifest work."""
 
-    def hand_out(w: _Worker):
-        while batches and len(w.in_flight) < _IN_FLIGHT and not rec.stop.is_set():
-            batch = batches.popleft()
-            rec.man.mark_running([it.relpath for it in batch])  # before any output can exist
-            w.send(batch)
+    def __init__(self, engine_args: dict, n: int, src: Path, opts: ConvertOptions):
+        ctx = process_context()
+        self.opts = opts
+        self.workers = [_Worker(ctx, engine_args, os.fspath(src), opts) for _ in range(max(1, n))]
 
-    try:
-        for w in workers:
+    def __len__(self):
+        return len(self.workers)
+
+    def run(self, todo: list[_Item], rec: _Recorder, clock: _StageClock) -> None:
+        """Convert ``todo``: hand out batches (at most _IN_FLIGHT per worker), record results."""
+        bs = self.opts.batch_size
+        batches = collections.deque(todo[i:i + bs] for i in range(0, len(todo), bs))
+        by_conn = {w.conn: w for w in self.workers}
+
+        def hand_out(w: _Worker):
+            while batches and len(w.in_flight) < _IN_FLIGHT and not rec.stop.is_set():
+                batch = batches.popleft()
+                rec.man.mark_running([it.relpath for it in batch])  # before any output can exist
+                w.send(batch)
+
+        for w in self.workers:
             hand_out(w)
-        while any(w.in_flight for w in workers):
-            for conn in wait([w.conn for w in workers if w.in_flight], timeout=0.25):
+        while any(w.in_flight for w in self.workers):
+            for conn in wait([w.conn for w in self.workers if w.in_flight], timeout=0.25):
                 w = by_conn[conn]
                 try:
                     msg = conn.recv()
@@ -165,11 +175,12 @@ def run_processes(engine_args: dict, n: int, src: Path, todo: list[_Item], opts:
                 rec.flush(every=0.25)
                 hand_out(w)
             rec.flush(every=0.25)
-    finally:
-        for w in workers:
+
+    def close(self) -> None:
+        for w in self.workers:
             w.stop()
         deadline = time.monotonic() + 5
-        for w in workers:
+        for w in self.workers:
             w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.proc.is_alive():
                 w.proc.terminate()

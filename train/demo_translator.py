@@ -23,7 +23,7 @@ class DemoTranslatorConfig:
     identities: int = 48          # training identities (held-out ones follow them)
     per_identity: int = 8
     heldout_identities: int = 8
-    steps: int = 2000
+    steps: int = 6000
     batch_size: int = 8
     crop: int = 64
     lr: float = 2e-3
