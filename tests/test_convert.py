@@ -80,9 +80,8 @@ def test_converts_tree_mirrored_with_model_output(dataset, tiny_engine, tmp_path
     assert {r.status for r in rows} == {"done"} and all(r.conversions == 1 for r in rows)
 
 
+@pytest.mark.parametrize("tiny_engine", ["onnx"], indirect=True)  # processes run ONNX engines
 def test_cpu_processes_equal_the_threaded_pipeline(dataset, tiny_engine, tmp_path):
-    if tiny_engine.suffix != ".onnx":
-        pytest.skip("conversion processes run ONNX engines")
     a = convert(tiny_engine, dataset, tmp_path / "processes", progress=False, processes=2, batch_size=3)
     b = convert(tiny_engine, dataset, tmp_path / "threads", progress=False, processes=0, batch_size=3)
     assert a.workers == {"processes": 2} and "processes" not in b.workers
@@ -225,12 +224,16 @@ def test_cli_help_and_user_errors(tmp_path, tiny_engine, dataset):
     runner = CliRunner()
     r = runner.invoke(convert_cli, ["--help"])
     assert r.exit_code == 0
-    for word in ("--shard", "--max-failures", "manifest", "Resume", "Exit codes", "--format", "--size"):
+    for word in ("--shard", "--max-failures", "manifest", "Resume", "Exit codes", "--format", "--size",
+                 "--processes"):
         assert word in r.output
     r = runner.invoke(convert_cli, ["--engine", str(tmp_path / "missing.onnx"), str(dataset), str(tmp_path / "o")])
     assert r.exit_code == 1 and "engine not found" in r.output and "Traceback" not in r.output
     r = runner.invoke(convert_cli, ["--engine", "no_such_model", str(dataset), str(tmp_path / "o")])
     assert r.exit_code == 1 and "registered model" in r.output
+    r = runner.invoke(convert_cli, ["--engine", "render2photo_tiny", "--processes", "2", str(dataset),
+                                    str(tmp_path / "o")])
+    assert r.exit_code == 1 and "ONNX engines on CPU" in r.output and "Traceback" not in r.output
     r = runner.invoke(convert_cli, ["--engine", str(tiny_engine), "-q", "--shard", "1/2", str(dataset),
                                     str(tmp_path / "o2"), "--sheet", str(tmp_path / "sheet.png")])
     assert r.exit_code == 0, r.output
