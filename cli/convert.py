@@ -71,8 +71,9 @@ Examples:
 @click.option("--runner-threads", type=click.IntRange(min=1), help="Intra-op threads of the ONNX "
               "Runtime CPU runner (default: all cores).")
 @click.option("--processes", type=click.IntRange(min=0), help="ONNX engines on CPU: conversion "
-              "processes, one single-threaded engine each (default: one per core; 0 = the threaded "
-              "pipeline in one process, as for GPU, TensorRT and torch engines).")
+              "processes, one single-threaded engine each, so each holds its own copy of the weights "
+              "(default: one per core; 0 = the threaded pipeline in one process, as for GPU, TensorRT "
+              "and torch engines).")
 @click.option("--shard", callback=_shard, metavar="I/N", help="Convert only shard I of N (0-based).")
 @click.option("--max-failures", type=click.IntRange(min=0),
               help="Stop (exit 3) once more files than this have failed in this run.")

@@ -282,6 +282,9 @@ def test_step_engine_converts_like_the_torch_sampler(name, extra, dataset, tmp_p
         a = convert(r, dataset, tmp_path / "onnx", progress=False, batch_size=4)
     with TorchRunner(model, extra=extra) as r:
         b = convert(r, dataset, tmp_path / "torch", progress=False, batch_size=3)
+    # The same engine by path runs in conversion processes: the same seeds per image, the same bytes.
+    c = convert(onnx_path, dataset, tmp_path / "processes", progress=False, batch_size=4, extra=extra)
+    assert "processes" in c.workers and _outputs(tmp_path / "processes") == _outputs(tmp_path / "onnx")
     assert a.converted == b.converted == 24
     for rel in _outputs(tmp_path / "torch"):
         x = cv2.imread(str(tmp_path / "onnx" / rel)).astype(int)
