@@ -115,8 +115,11 @@ class _Worker:
         self.in_flight: collections.deque = collections.deque()
 
     def send(self, batch: list[_Item]):
-        self.conn.send([(it.relpath, it.out) for it in batch])
         self.in_flight.append(batch)
+        try:
+            self.conn.send([(it.relpath, it.out) for it in batch])
+        except OSError:  # the worker is gone (killed, crashed)
+            raise self.died() from None
 
     def stop(self):
         try:

@@ -357,3 +357,32 @@ def test_png_writer_is_lossless_standard_and_compact(tmp_path):
         theirs += len(cv2.imencode(".png", bgr)[1])
     print(f"PNG bytes, rtkit / OpenCV defaults: {ours / theirs:.3f}")
     assert ours <= 1.02 * theirs, (ours, theirs)
+
+
+def test_a_dead_conversion_process_stops_the_run_with_one_line(dataset, tmp_path):
+    """A worker killed from outside (OOM killer, a crash in a decoder) ends the run with a clear
+    error, and the batches it held stay 'running', so the next run converts them."""
+    import threading
+
+    from rtkit.engines.errors import RtkitError
+    from rtkit.engines.render2photo import BUNDLED_ONNX
+    from rtkit.runtime.converter import ConvertOptions, Summary, _Item, _Recorder, _StageClock
+    from rtkit.runtime.processes import ProcessPool
+
+    opts = ConvertOptions(batch_size=2, progress=False)
+    pool = ProcessPool(dict(engine=BUNDLED_ONNX, threads=1), 2, dataset, opts)
+    try:
+        os.kill(pool.workers[0].proc.pid, signal.SIGKILL)
+        pool.workers[0].proc.join()
+        rels = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*.png"))
+        with Manifest(tmp_path / "m.sqlite") as man:
+            man.add_files([(r, r) for r in rels], [])
+            man.start_run()
+            rec = _Recorder(man, Summary("", "", "", ""), "e", len(rels), opts, threading.Event())
+            todo = [_Item(r, str(tmp_path / "out" / r)) for r in rels]
+            with pytest.raises(RtkitError, match="conversion process died .* redone"):
+                pool.run(todo, rec, _StageClock())
+            rec.close()
+            assert "running" in {r.status for r in man.rows()}
+    finally:
+        pool.close()
