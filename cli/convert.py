@@ -63,13 +63,14 @@ Examples:
 @click.option("--batch-size", "-b", type=click.IntRange(min=1),
               help="Images per runner call (default: 4 on CPU, 64 on GPU).")
 @click.option("--decode-workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="CPU threads decoding and preprocessing.")
+              help="Threaded pipeline: CPU threads decoding and preprocessing.")
 @click.option("--encode-workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="CPU threads postprocessing, encoding and writing.")
-@click.option("--infer-workers", type=click.IntRange(min=1), help="Threads calling the runner "
-              "concurrently (default: one per core for an ONNX engine on CPU, else 1).")
+              help="Threaded pipeline: CPU threads postprocessing, encoding and writing.")
+@click.option("--infer-workers", type=click.IntRange(min=1), help="Threaded pipeline: threads "
+              "calling the runner concurrently (default: one per core for an ONNX engine on CPU, else 1; "
+              "setting it selects the threaded pipeline).")
 @click.option("--runner-threads", type=click.IntRange(min=1), help="Intra-op threads of the ONNX "
-              "Runtime CPU runner (default: all cores).")
+              "Runtime CPU runner (setting it selects the threaded pipeline; default: all cores).")
 @click.option("--processes", type=click.IntRange(min=0), help="ONNX engines on CPU: conversion "
               "processes, one single-threaded engine each, so each holds its own copy of the weights "
               "(default: one per core; 0 = the threaded pipeline in one process, as for GPU, TensorRT "
