@@ -109,13 +109,13 @@ def decode_image(path: str | Path, spng: bool = False) -> np.ndarray:
 
 try:
     import pyspng as _pyspng
-except ImportError:  # optional: OpenCV decodes everything
+except ImportError:  # pragma: no cover - pyspng is a dependency; OpenCV decodes everything without it
     _pyspng = None
 
 
 def _plain_rgb_png(data: bytes) -> bool:
-    """8-bit RGB, not interlaced: the PNGs (DigiFace's among them) libspng decodes to exactly the
-    pixels OpenCV gives, with no conversion that the two libraries might do differently."""
+    """8-bit RGB, not interlaced: PNGs that libspng decodes to exactly the pixels OpenCV gives,
+    with no conversion (alpha, grey, 16 bit, palette) the two libraries might do differently."""
     return len(data) > 33 and data[12:16] == b"IHDR" and data[24] == 8 and data[25] == 2 and data[28] == 0
 
 
