@@ -379,11 +379,9 @@ def _convert(runner: Runner, src: Path, out: Path, opts: ConvertOptions, pool=No
         clock = _StageClock()
         rec = _Recorder(man, summary, runner.identity, len(todo), opts, threading.Event())
         try:
-            if not todo:
-                pass
-            elif pool is not None:
+            if todo and pool is not None:
                 pool.run(todo, rec, clock)
-            else:
+            elif todo:
                 _run_threads(runner, spec, src, todo, opts, rec, clock)
             state = "aborted" if summary.aborted else "finished"
         except BaseException:
