@@ -31,7 +31,8 @@ source file: status (done/failed/skipped), error, output, sha256, engine.
 
 \b
 Resume: run the same command again. Finished files are not redone; a run killed at any
-moment leaves no partial file (outputs are written to .NAME.part and renamed).
+moment leaves no partial file (an output is written unnamed and linked under its name
+when complete, or written to .NAME.part and renamed).
 Corrupt, truncated, zero-byte and non-image files are recorded with their reason and
 skipped. --shard i/n splits the sorted file list so n processes/GPUs/machines share
 a dataset without coordination.

@@ -297,8 +297,9 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
         runner_threads = 1
     options["infer_workers"] = infer_workers
     if options.get("batch_size") is None:
-        # Measured on 2 CPU cores (benchmarks/convert_cpu.py): small batches keep activations in
-        # cache and beat batch 32 by 1.5x; GPUs need large batches to fill the device.
+        # CPU: with the bundled engine, batches of 4-32 run within noise of each other on 2 cores
+        # (benchmarks/convert_cpu.py --batch-size); small ones keep activations in cache and the
+        # hand-out fine-grained. GPUs need large batches to fill the device.
         options["batch_size"] = 64 if str(device).startswith("cuda") else 4
     opts = ConvertOptions(**options)
     opts.validate()
