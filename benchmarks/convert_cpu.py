@@ -33,11 +33,11 @@ import numpy as np
 def naive(engine: Path, src: Path, out: Path, writer: str) -> float:
     import onnxruntime as ort
 
-    from rtkit.export.metadata import read_metadata
+    from rtkit.engines.card import read_card
     from rtkit.runtime.converter import postprocess, preprocess
     from rtkit.runtime.sinks import encode_png
 
-    spec = read_metadata(engine).spec
+    spec = read_card(engine).spec
     sess = ort.InferenceSession(str(engine), providers=["CPUExecutionProvider"])
     files = sorted(src.rglob("*.png"))
     t0 = time.perf_counter()
@@ -60,13 +60,13 @@ def serial_rtkit(args: tuple) -> tuple[int, float]:
 
     import onnxruntime as ort
 
-    from rtkit.export.metadata import read_metadata
+    from rtkit.engines.card import read_card
     from rtkit.runtime.converter import postprocess, preprocess
     from rtkit.runtime.sinks import atomic_write, encode_png
     from rtkit.runtime.sources import decode_image
 
     engine, files, src, out = args
-    spec = read_metadata(engine).spec
+    spec = read_card(engine).spec
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(engine), so, providers=["CPUExecutionProvider"])

@@ -37,7 +37,7 @@ from rtkit.engines.align import (
 from rtkit.engines.checkpoint import load_state_dict_strict, read_checkpoint, unwrap
 from rtkit.engines.errors import CheckpointError
 from rtkit.engines.registry import register_model
-from rtkit.engines.spec import ModelSpec
+from rtkit.engines.spec import ModelSpec, TensorSpec
 from torch import nn
 
 
@@ -443,15 +443,16 @@ def config_dict(model: CodeFormer) -> dict:
 # ----------------------------------------------------------------------------- registry
 
 W_DEFAULT = 0.5
+W_INPUT = TensorSpec("w", "float32", (1,), W_DEFAULT)  # fidelity weight, a graph input
 
 
 def _spec(size: int) -> ModelSpec:
     return ModelSpec(task="translate", input_size=(size, size), value_range=(-1.0, 1.0), channels="RGB",
-                     alignment="ffhq512", resize="warp", extra_inputs={"w": W_DEFAULT})
+                     alignment="ffhq512", resize="warp", inputs=(W_INPUT,))
 
 
 ARCFACE_SPEC = ModelSpec(task="translate", input_size=(112, 112), value_range=(-1.0, 1.0), channels="RGB",
-                         alignment="arcface112", resize="native", extra_inputs={"w": W_DEFAULT})
+                         alignment="arcface112", resize="native", inputs=(W_INPUT,))
 
 
 def _config(base: CodeFormerConfig, overrides: dict) -> CodeFormerConfig:

@@ -32,19 +32,16 @@ from torch import nn
 
 from rtkit.engines.checkpoint import load_state_dict_strict, read_checkpoint
 from rtkit.engines.errors import CheckpointError, RtkitError, optional_import
-from rtkit.engines.registry import register_model
+from rtkit.engines.registry import Pipeline, register_model
 from rtkit.engines.spec import ModelSpec
-from rtkit.engines.unsb import SeededNoise, per_sample_seeds
+from rtkit.engines.sampling import (DEFAULT_DDIM_STEPS, DEFAULT_SCHEDULER_CONFIG, ddim_invert, ddim_regenerate,  # noqa: F401
+                                    inversion_count, make_schedulers, translate_with_step)
+from rtkit.engines.spec import TensorSpec
 
-DEFAULT_STEPS = 50
-# The DDPM training schedule most unconditional UNets (google/ddpm-*, guided-diffusion
-# "linear") were trained with; used when no scheduler config comes with the UNet.
-DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
-                            "beta_schedule": "linear", "prediction_type": "epsilon"}
-
+DEFAULT_STEPS = DEFAULT_DDIM_STEPS
 SPEC = ModelSpec(task="translate", input_size=(256, 256), value_range=(-1.0, 1.0), channels="RGB",
                  alignment="none", resize="resize",
-                 extra_inputs={"steps": DEFAULT_STEPS, "depth": 1.0, "eta": 0.0, "seed": 0})
+                 settings={"steps": DEFAULT_STEPS, "depth": 1.0, "eta": 0.0, "seed": 0})
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # Attention projections of older diffusers checkpoints -> current names.
@@ -54,25 +51,6 @@ _LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v."
 
 def _diffusers():
     return optional_import("diffusers", extra="gen", purpose="DDIM inversion")
-
-
-def _accepted(cls, config: dict) -> dict:
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in config.items() if k in params}
-
-
-def make_schedulers(config: dict | None = None):
-    """(DDIMScheduler, DDIMInverseScheduler) over one training schedule.
-
-    Both use "leading" spacing (the only one both support identically, so the inverse walk
-    visits exactly the timesteps the forward walk comes back through) and no x0 clipping,
-    which would make the inversion lossy.
-    """
-    d = _diffusers()
-    cfg = {**DEFAULT_SCHEDULER_CONFIG, **(config or {})}
-    cfg.update(clip_sample=False, timestep_spacing="leading")
-    return (d.DDIMScheduler(**_accepted(d.DDIMScheduler, cfg)),
-            d.DDIMInverseScheduler(**_accepted(d.DDIMInverseScheduler, cfg)))
 
 
 def _rename_legacy_keys(sd: dict, own_keys: set[str]) -> dict:
@@ -131,44 +109,6 @@ def load_unet(path: str | Path):
     sd = _rename_legacy_keys(read_checkpoint(weights), set(unet.state_dict()))
     load_state_dict_strict(unet, sd, name="ddim UNet2DModel", path=weights)
     return unet.eval(), _find_scheduler_config(folder)
-
-
-def inversion_count(steps: int, depth: float, inversion_steps: int | None) -> int:
-    """How many of ``steps`` DDIM steps to invert: ``inversion_steps`` or ``depth`` of them."""
-    if steps < 1:
-        raise RtkitError(f"steps must be >= 1, got {steps}")
-    if inversion_steps is not None:
-        if not 1 <= inversion_steps <= steps:
-            raise RtkitError(f"inversion_steps must be in 1..{steps}, got {inversion_steps}")
-        return int(inversion_steps)
-    if not 0.0 < depth <= 1.0:
-        raise RtkitError(f"depth must be a fraction in (0, 1], got {depth}")
-    return max(1, round(depth * steps))
-
-
-def ddim_invert(eps, x: torch.Tensor, steps: int, n_inv: int, scheduler_config: dict) -> torch.Tensor:
-    """``n_inv`` deterministic inverse-DDIM steps from x; eps(x, t) predicts the noise."""
-    _, inverse = make_schedulers(scheduler_config)
-    inverse.set_timesteps(steps)
-    latent = x
-    for t in inverse.timesteps[:n_inv]:
-        latent = inverse.step(eps(latent, t.to(x.device)), int(t), latent).prev_sample
-    return latent
-
-
-def ddim_regenerate(eps, latent: torch.Tensor, steps: int, n_inv: int, scheduler_config: dict, *,
-                    eta: float = 0.0, seed=0) -> torch.Tensor:
-    """The last ``n_inv`` of ``steps`` DDIM sampling steps from ``latent``, clamped to [-1, 1]."""
-    scheduler, _ = make_schedulers(scheduler_config)
-    scheduler.set_timesteps(steps)
-    noise = SeededNoise(per_sample_seeds(seed, latent.shape[0])) if eta > 0 else None
-    x = latent
-    for t in scheduler.timesteps[steps - n_inv:]:
-        variance_noise = (noise.normal(x.shape[1:], device=x.device, dtype=x.dtype)
-                          if noise is not None else None)
-        x = scheduler.step(eps(x, t.to(x.device)), int(t), x, eta=float(eta),
-                           variance_noise=variance_noise).prev_sample
-    return x.clamp(-1.0, 1.0)
 
 
 class DDIMInversionTranslator(nn.Module):
@@ -246,26 +186,10 @@ class DDIMUNetStep(nn.Module):
         base = translator.spec
         self.spec = ModelSpec(task=base.task, input_size=base.input_size, value_range=base.value_range,
                               channels=base.channels, alignment=base.alignment, resize=base.resize,
-                              extra_inputs={"t": {"dtype": "int64", "shape": ["batch"], "default": 0}})
+                              inputs=(TensorSpec("t", "int64", ("batch",), 0),))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.translator._eps(x, t)
-
-
-def translate_with_step(step, x: torch.Tensor, *, steps: int = DEFAULT_STEPS, depth: float = 1.0,
-                        eta: float = 0.0, seed=0, inversion_steps: int | None = None,
-                        scheduler_config: dict | None = None) -> torch.Tensor:
-    """Inversion + regeneration around an exported UNet step ``step(x, t) -> eps`` (e.g. an ONNX
-    engine through a runner): the arithmetic of ``DDIMInversionTranslator.forward``."""
-    steps = int(steps)
-    n_inv = inversion_count(steps, float(depth), None if inversion_steps is None else int(inversion_steps))
-    config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
-
-    def eps(xt, t):
-        return step(xt, t.reshape(1).expand(xt.shape[0]).to(torch.long))
-
-    latent = ddim_invert(eps, x, steps, n_inv, config)
-    return ddim_regenerate(eps, latent, steps, n_inv, config, eta=float(eta), seed=seed)
 
 
 def spec_for(unet) -> ModelSpec:
@@ -291,7 +215,11 @@ def tiny_unet_config(sample_size: int = 32) -> dict:
                 attention_head_dim=8)
 
 
-@register_model("ddim", spec=SPEC, loader=load_checkpoint,
+PIPELINE = Pipeline(parts={"step": lambda model: model.export_module()}, loop="ddim",
+                    settings=lambda model: {"scheduler_config": dict(model.scheduler_config)})
+
+
+@register_model("ddim", spec=SPEC, loader=load_checkpoint, pipeline=PIPELINE,
                 description="DDIM inversion + regeneration with a diffusers UNet2DModel (needs weights)")
 def ddim(unet_dir: str | Path | None = None) -> nn.Module:
     if unet_dir is None:
@@ -301,7 +229,7 @@ def ddim(unet_dir: str | Path | None = None) -> nn.Module:
 
 
 @register_model("ddim_tiny", spec=dataclasses.replace(SPEC, input_size=(32, 32)),
-                loader=load_checkpoint, tiny=True,
+                loader=load_checkpoint, tiny=True, pipeline=PIPELINE,
                 description="DDIM inversion with a tiny random UNet2DModel (32x32), for tests")
 def ddim_tiny(sample_size: int = 32) -> nn.Module:
     unet = _diffusers().UNet2DModel(**tiny_unet_config(sample_size))

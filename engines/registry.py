@@ -10,12 +10,36 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
 from rtkit.engines.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A model that runs as parts plus a loop (UNSB's step, DDIM's UNet step, Arc2Face's encoder,
+    UNet and VAE): export writes one engine per part, and the runtime's PipelineRunner calls the
+    loop (registered in rtkit.engines.sampling) over the part runners on any backend.
+
+    parts: part name -> function of the built model returning that part's module (a module with
+        its own ``spec`` whose ``inputs`` are the part's graph inputs besides its first tensor).
+    loop: the registered loop's name.
+    settings: function of the built model returning loop settings it implies (e.g. DDIM's
+        scheduler config), added to the spec's settings in the card.
+    """
+
+    parts: Mapping[str, Callable[[nn.Module], nn.Module]]
+    loop: str
+    settings: Callable[[nn.Module], dict] | None = None
+
+    def part_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {name: get(model) for name, get in self.parts.items()}
+
+    def model_settings(self, model: nn.Module) -> dict:
+        return dict(self.settings(model)) if self.settings is not None else {}
 
 
 @dataclass(frozen=True)
@@ -27,6 +51,7 @@ class ModelEntry:
     default_checkpoint: str | None
     description: str
     tiny: bool
+    pipeline: Pipeline | None = None
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -42,12 +67,13 @@ _MODEL_MODULES = (
     "rtkit.engines.ddim",
     "rtkit.engines.iresnet",
     "rtkit.engines.adaface",
+    "rtkit.engines.arc2face",
 )
 _loaded = False
 
 
 def register_model(name: str, *, spec: ModelSpec, loader=None, default_checkpoint=None,
-                   description: str = "", tiny: bool = False):
+                   description: str = "", tiny: bool = False, pipeline: Pipeline | None = None):
     """Decorator registering ``builder(**overrides) -> nn.Module`` under ``name``.
 
     ``loader(model, path)`` loads an official checkpoint file into the built module.
@@ -59,7 +85,7 @@ def register_model(name: str, *, spec: ModelSpec, loader=None, default_checkpoin
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelEntry(name, builder, spec, loader, default_checkpoint,
                                      description or (builder.__doc__ or "").strip().split("\n")[0],
-                                     tiny)
+                                     tiny, pipeline)
         return builder
 
     return wrap
@@ -110,6 +136,7 @@ def create(name: str, checkpoint: str | Path | None = None, *, pretrained: bool 
     model = entry.builder(**overrides)
     model.spec = getattr(model, "spec", None) or entry.spec
     model.registry_name = name
+    model.registry_overrides = dict(overrides)  # the card records them, so the file rebuilds its module
     ckpt = checkpoint if checkpoint is not None else (entry.default_checkpoint if pretrained else None)
     if ckpt is not None:
         path = Path(ckpt)
@@ -131,5 +158,5 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["register_model", "create", "list_models", "get_entry", "model_spec", "num_params",
+__all__ = ["Pipeline", "register_model", "create", "list_models", "get_entry", "model_spec", "num_params",
            "ModelEntry", "torch"]

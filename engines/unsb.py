@@ -38,23 +38,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtkit.engines.checkpoint import load_state_dict_strict, read_checkpoint, unwrap
-from rtkit.engines.registry import register_model
-from rtkit.engines.spec import ModelSpec
-
-DEFAULT_NFE = 5
-DEFAULT_TAU = 0.01
+from rtkit.engines.registry import Pipeline, register_model
+from rtkit.engines.sampling import (DEFAULT_NFE, DEFAULT_TAU, SeededNoise, StepFn, bridge_times,  # noqa: F401
+                                    per_sample_seeds, sample)
+from rtkit.engines.spec import ModelSpec, TensorSpec
 
 SPEC = ModelSpec(task="translate", input_size=None, value_range=(-1.0, 1.0), channels="RGB",
                  alignment="arcface112", resize="native", size_multiple=4,
-                 extra_inputs={"nfe": DEFAULT_NFE, "tau": DEFAULT_TAU, "seed": 0})
+                 settings={"nfe": DEFAULT_NFE, "tau": DEFAULT_TAU, "seed": 0})
 
 
 def step_spec(z_dim: int = 256) -> ModelSpec:
     """Spec of one exported evaluation G(x, t, z): the runtime loops it with ``sample``."""
     return ModelSpec(task="translate", input_size=None, value_range=(-1.0, 1.0), channels="RGB",
                      alignment="arcface112", resize="native", size_multiple=4,
-                     extra_inputs={"t": {"dtype": "int64", "shape": ["batch"], "default": 0},
-                                   "z": {"dtype": "float32", "shape": ["batch", z_dim]}})
+                     inputs=(TensorSpec("t", "int64", ("batch",), 0),
+                             TensorSpec("z", "float32", ("batch", z_dim), None)))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -245,85 +244,6 @@ def init_official_(module: nn.Module, gain: float = 0.02) -> nn.Module:
 
 # --------------------------------------------------------------------------- sampling
 
-def bridge_times(nfe: int) -> torch.Tensor:
-    """The official test-time grid: nfe + 1 float32 times from 0 to 1.
-
-    Increments 1, 1/2, ..., 1/(nfe-1) are accumulated, normalised to [0, 1] and squeezed into
-    [0.5, 1], then 0 is prepended: nfe=5 gives [0, .5, .74, .86, .94, 1]. With nfe=1 only the
-    first evaluation runs and the grid is never read.
-    """
-    if nfe < 1:
-        raise ValueError(f"nfe must be >= 1, got {nfe}")
-    if nfe == 1:
-        return torch.tensor([0.0, 1.0])
-    cum = np.cumsum([0.0] + [1.0 / (i + 1) for i in range(nfe - 1)])
-    cum = cum / cum[-1]
-    return torch.from_numpy(np.concatenate([[0.0], 0.5 + 0.5 * cum])).float()
-
-
-def per_sample_seeds(seed: int | Sequence[int] | torch.Tensor, n: int) -> list[int]:
-    """Seeding rule: an int seed s gives sample i the seed s + i; a sequence gives one per sample.
-
-    So a batch of N with seed s equals N single-image runs with seeds s, s+1, ..., s+N-1, and a
-    caller that wants noise tied to each image (e.g. a hash of its path) passes a list.
-    """
-    if isinstance(seed, torch.Tensor):
-        seed = seed.flatten().tolist() if seed.numel() != 1 else int(seed.item())
-    if isinstance(seed, (int, float, str, np.number)):  # a CLI or JSON value may arrive as "3"
-        return [int(seed) + i for i in range(n)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != n:
-        raise ValueError(f"got {len(seeds)} seeds for a batch of {n}")
-    return seeds
-
-
-class SeededNoise:
-    """Gaussian draws from one CPU generator per sample, stacked into a batch.
-
-    Drawing on the CPU makes the numbers independent of device, batch size and batch position.
-    """
-
-    def __init__(self, seeds: Sequence[int]):
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-
-    def normal(self, shape: Sequence[int], *, device=None, dtype=None) -> torch.Tensor:
-        """One (len(seeds), *shape) float tensor, row i from generator i."""
-        draws = [torch.randn(tuple(shape), generator=g) for g in self.generators]
-        return torch.stack(draws).to(device=device, dtype=dtype)
-
-
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sample(step: StepFn, x: torch.Tensor, *, nfe: int = DEFAULT_NFE, tau: float = DEFAULT_TAU,
-           seed: int | Sequence[int] | torch.Tensor = 0, z_dim: int = 256,
-           noise: SeededNoise | None = None) -> torch.Tensor:
-    """Run the official UNSB test loop and return the last prediction.
-
-    step(x_t, t_idx, z) is one network evaluation: a UNSBGenerator, or an exported step engine
-    (e.g. ``lambda x, t, z: runner.infer(x, t=t, z=z)`` over an rtkit Runner). Evaluation k (k = 0..nfe-1) sees
-        x_0 = x,  x_k = (1 - a_k) x_{k-1} + a_k pred_{k-1} + sqrt(tau * s_k) * eps_k
-    with a_k = d_k / (T_end - T_{k-1}), s_k = d_k (1 - a_k), d_k = T_k - T_{k-1} on the
-    ``bridge_times`` grid, and a fresh z ~ N(0, I) each evaluation. Per sample, its generator
-    draws z_0, then eps_k before z_k, in that order (see ``per_sample_seeds``).
-    """
-    n = x.shape[0]
-    noise = noise or SeededNoise(per_sample_seeds(seed, n))
-    times = bridge_times(nfe).to(x.device)
-    xt, pred = x, None
-    for k in range(nfe):
-        if k > 0:
-            delta = times[k] - times[k - 1]
-            inter = delta / (times[-1] - times[k - 1])
-            scale = delta * (1 - inter)
-            eps = noise.normal(x.shape[1:], device=x.device, dtype=x.dtype)
-            xt = (1 - inter) * xt + inter * pred + (scale * tau).sqrt() * eps
-        z = noise.normal((z_dim,), device=x.device, dtype=x.dtype)
-        t_idx = torch.full((n,), k, dtype=torch.long, device=x.device)
-        pred = step(xt, t_idx, z)
-    return pred
-
-
 class UNSBStep(nn.Module):
     """One evaluation G(x, t, z) for export, with ``t`` kept as a real graph input.
 
@@ -376,13 +296,16 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     load_state_dict_strict(target, sd, name=getattr(model, "registry_name", "unsb"), path=path)
 
 
-@register_model("unsb", spec=SPEC, loader=load_checkpoint,
+PIPELINE = Pipeline(parts={"step": lambda model: model.step}, loop="unsb")
+
+
+@register_model("unsb", spec=SPEC, loader=load_checkpoint, pipeline=PIPELINE,
                 description="UNSB (ICLR 2024) Schrödinger-bridge translator, 5 NFE, 14.68 M params")
 def unsb(ngf: int = 64, n_blocks: int = 9, n_mlp: int = 3) -> nn.Module:
     return UNSBTranslator(UNSBGenerator(ngf=ngf, n_blocks=n_blocks, n_mlp=n_mlp))
 
 
-@register_model("unsb_tiny", spec=SPEC, loader=load_checkpoint, tiny=True,
+@register_model("unsb_tiny", spec=SPEC, loader=load_checkpoint, tiny=True, pipeline=PIPELINE,
                 description="UNSB at ngf 8 with 2 residual blocks, for tests")
 def unsb_tiny(ngf: int = 8, n_blocks: int = 2, n_mlp: int = 3) -> nn.Module:
     return UNSBTranslator(UNSBGenerator(ngf=ngf, n_blocks=n_blocks, n_mlp=n_mlp))

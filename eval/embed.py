@@ -29,7 +29,7 @@ import numpy as np
 
 from rtkit.engines.errors import EngineError, RtkitError
 from rtkit.engines.spec import ModelSpec
-from rtkit.export.metadata import EngineMeta
+from rtkit.engines.card import METADATA_KEY, EngineCard, card_path
 from rtkit.runtime.runners import OnnxRunner, Runner, open_engine
 
 CACHE_ENV = "RTKIT_EMBED_CACHE"
@@ -73,8 +73,7 @@ def to_model_input(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
 # -- opening a recognizer ----------------------------------------------------------------------
 
 def _onnx_has_rtkit_metadata(path: Path) -> bool:
-    from rtkit.export.metadata import METADATA_KEY, sidecar_path
-    if sidecar_path(path).is_file():
+    if card_path(path).is_file():
         return True
     import onnx
     m = onnx.load(str(path), load_external_data=False)
@@ -112,9 +111,6 @@ class InsightfaceOnnxRunner(OnnxRunner):
 
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None):
         import onnx
-        import onnxruntime as ort
-
-        from rtkit.engines.checkpoint import file_sha256
 
         path = Path(path)
         try:
@@ -122,28 +118,9 @@ class InsightfaceOnnxRunner(OnnxRunner):
         except Exception as e:  # protobuf DecodeError and friends
             raise EngineError(f"{path} is not a readable ONNX file ({str(e).splitlines()[0]})") from None
         spec, input_name = insightface_onnx_spec(model)
-        meta = EngineMeta(model=path.stem, spec=spec, input_name=input_name,
+        card = EngineCard(model=path.stem, spec=spec, input_name=input_name,
                           output_names=[model.graph.output[0].name])
-        identity = hashlib.sha256(f"onnx-plain\0{file_sha256(path)}".encode()).hexdigest()
-        Runner.__init__(self, meta, identity, None)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if str(device).startswith("cuda"):
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise EngineError("ONNX Runtime here has no CUDA provider: pip install "
-                                  "'rtkit[gpu]' (onnxruntime-gpu), or use --device cpu")
-            idx = int(str(device).split(":")[1]) if ":" in str(device) else 0
-            providers = [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as e:
-            raise EngineError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self._np_dtype = (np.float16 if self.inputs[input_name].type == "tensor(float16)"
-                          else np.float32)
-        self.output_name = self.session.get_outputs()[0].name
+        super().__init__(path, device=device, threads=threads, card=card)
 
 
 def open_recognizer(engine, *, checkpoint=None, device: str = "cpu", backend: str | None = None,

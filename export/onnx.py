@@ -10,7 +10,7 @@ that does not match.
 
 Export protocol
 ---------------
-Most models export as they are: ``forward(input, **extra_inputs)`` with one image input whose
+Most models export as they are: ``forward(input, **inputs)`` with one image input whose
 size is ``spec.input_size``. A model whose forward is not what the engine should run defines
 one or both of these methods:
 
@@ -26,8 +26,13 @@ one or both of these methods:
 
 Defaults when a model does not define them: the model itself, and an image uniformly drawn in
 ``spec.value_range`` of size ``spec.input_size`` (fully convolutional models, input_size None:
-64x64 rounded up to ``spec.size_multiple``, with dynamic H/W axes), plus each
-``spec.extra_inputs`` default as a shape-``(1,)`` tensor.
+64x64 rounded up to ``spec.size_multiple``, with dynamic H/W axes), plus an example of each
+graph input in ``spec.inputs`` (TensorSpec: its default at its shape).
+
+Pipelines (a registry entry with ``pipeline=Pipeline(parts, loop)``, e.g. UNSB's step): each part
+is exported as its own engine (``X.onnx`` for a one-part pipeline, ``X.<part>.onnx`` otherwise),
+and the card ``X.json`` lists the parts, their inputs and the loop, with the model's spec and
+settings, so the runtime runs the same loop around the engines.
 
 insightface compatibility (recognizers)
 ---------------------------------------
@@ -56,133 +61,15 @@ import torch
 from torch import nn
 
 from rtkit.engines.errors import EngineError, optional_import
+from rtkit.engines.card import METADATA_KEY, EngineCard, Part, build_info, write_card
 from rtkit.engines.spec import ModelSpec
-from rtkit.export.metadata import METADATA_KEY, EngineMeta, current_build_info, write_sidecar
+from rtkit.export.graph import (DEFAULT_SIDE, EXPORT_BATCH, INPUT_NAME, ExportGraph,  # noqa: F401
+                                default_export_inputs, default_image_size, example_input, export_graph,
+                                export_inputs, export_spec, export_target, output_name_for, resolve_model)
 
 PRECISIONS = ("fp32", "fp16")
-EXPORT_BATCH = 2          # traced batch; parity runs a different one so a baked-in batch shows
-DEFAULT_SIDE = 64         # traced H/W for fully convolutional models
-INPUT_NAME = "input"
 # Node-name prefixes that make insightface assume in-graph normalisation (see module docstring).
 _INSIGHTFACE_NORM_PREFIXES = ("Sub", "_minus", "Mul", "_mul")
-
-
-def output_name_for(spec: ModelSpec) -> str:
-    return "embedding" if spec.task == "embed" else "output"
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return int(math.ceil(value / max(1, multiple)) * max(1, multiple))
-
-
-def default_image_size(spec: ModelSpec, side: int = DEFAULT_SIDE) -> tuple[int, int]:
-    """(H, W) of example images: the spec's size, else ``side`` rounded up to size_multiple."""
-    if spec.input_size:
-        return tuple(spec.input_size)
-    s = _round_up(side, spec.size_multiple)
-    return s, s
-
-
-def _example_extra(name: str, default, batch: int) -> torch.Tensor:
-    """Example value of one runtime input from its spec default (see the module docstring)."""
-    if isinstance(default, Mapping):
-        # Descriptor form: {"dtype": "float32"|"int64", "shape": ["batch", 256], "default": v}.
-        is_int = "int" in str(default.get("dtype", "float32"))
-        dtype = torch.int64 if is_int else torch.float32
-        shape = [batch if d == "batch" else int(d) for d in default.get("shape", [1])]
-        if default.get("default") is not None:
-            return torch.full(shape, default["default"], dtype=dtype)
-        return torch.zeros(shape, dtype=dtype) if is_int else torch.randn(shape)
-    if default is None or isinstance(default, str):
-        raise EngineError(f"extra input {name!r} has no numeric default ({default!r}); the "
-                          f"model must define export_inputs(batch) to be exported")
-    t = torch.as_tensor(default)
-    t = t.to(torch.float32) if t.is_floating_point() else t.to(torch.int64)
-    return t.reshape(1) if t.ndim == 0 else t
-
-
-def default_export_inputs(spec: ModelSpec, batch: int, size: tuple[int, int] | None = None
-                          ) -> dict[str, torch.Tensor]:
-    """An image uniform in the spec's value range plus each extra input's default."""
-    h, w = size or default_image_size(spec)
-    lo, hi = spec.value_range
-    inputs = {INPUT_NAME: torch.rand(batch, 3, h, w) * (hi - lo) + lo}
-    for name, default in spec.extra_inputs.items():
-        inputs[name] = _example_extra(name, default, batch)
-    return inputs
-
-
-def export_target(model: nn.Module) -> nn.Module:
-    """The module the graph runs: ``model.export_module()`` if defined, else the model."""
-    return model.export_module() if hasattr(model, "export_module") else model
-
-
-def export_spec(model: nn.Module) -> ModelSpec:
-    """The engine's spec: the export module's own ``spec`` if it has one, else the model's."""
-    spec = getattr(export_target(model), "spec", None)
-    return spec if isinstance(spec, ModelSpec) else model.spec
-
-
-def export_inputs(model: nn.Module, batch: int, size: tuple[int, int] | None = None
-                  ) -> dict[str, torch.Tensor]:
-    """Example inputs by graph input name: the model's ``export_inputs`` or the defaults."""
-    if hasattr(model, "export_inputs"):
-        inputs = dict(model.export_inputs(batch))
-        if INPUT_NAME not in inputs:
-            raise EngineError(f"{type(model).__name__}.export_inputs() must return the image "
-                              f"under key {INPUT_NAME!r}, got {sorted(inputs)}")
-        # "input" first: the graph's input order is the dict order.
-        return {INPUT_NAME: inputs.pop(INPUT_NAME), **inputs}
-    return default_export_inputs(export_spec(model), batch, size)
-
-
-class ExportGraph(nn.Module):
-    """Exactly what goes into the graph: the export module called with named inputs in a fixed
-    positional order, first output only, and an optional channel flip at the input."""
-
-    def __init__(self, module: nn.Module, extra_names: list[str], flip_channels: bool = False):
-        super().__init__()
-        self.module = module
-        self.extra_names = list(extra_names)
-        self.flip_channels = flip_channels
-
-    def forward(self, image, *extras):
-        if self.flip_channels:
-            image = image.flip(1)
-        y = self.module(image, **dict(zip(self.extra_names, extras)))
-        if isinstance(y, (tuple, list)):
-            y = y[0]
-        return y
-
-
-def export_graph(model: nn.Module, input_names: list[str], flip_channels: bool = False
-                 ) -> ExportGraph:
-    module = export_target(model)
-    return ExportGraph(module, [n for n in input_names if n != INPUT_NAME], flip_channels).eval()
-
-
-def resolve_model(model_or_name: nn.Module | str, checkpoint: str | Path | None = None
-                  ) -> tuple[nn.Module, str, str | None]:
-    """(model in eval mode, registry name, sha256 of its weights file or None)."""
-    from rtkit.engines import registry
-    from rtkit.engines.checkpoint import file_sha256
-
-    if isinstance(model_or_name, nn.Module):
-        model = model_or_name
-        if not isinstance(getattr(model, "spec", None), ModelSpec):
-            raise EngineError(f"{type(model).__name__} has no .spec (ModelSpec); build it with "
-                              f"rtkit.engines.create(name) or set model.spec")
-        name = getattr(model, "registry_name", type(model).__name__)
-        sha = file_sha256(checkpoint) if checkpoint else None
-        return model.eval(), name, sha
-    name = str(model_or_name)
-    try:
-        entry = registry.get_entry(name)
-    except KeyError:
-        raise EngineError(f"unknown model {name!r}; see rt-export --list") from None
-    model = registry.create(name, checkpoint=checkpoint)
-    ckpt = checkpoint if checkpoint is not None else entry.default_checkpoint
-    return model, name, (file_sha256(ckpt) if ckpt else None)
 
 
 def _check_traceable(target: nn.Module, extra_names: list[str], name: str) -> None:
@@ -395,7 +282,7 @@ def _retarget_float_casts(model_proto) -> None:
                 attr.i = TensorProto.FLOAT16
 
 
-def set_metadata_props(model_proto, meta: EngineMeta) -> None:
+def set_metadata_props(model_proto, meta: EngineCard) -> None:
     for p in list(model_proto.metadata_props):
         if p.key == METADATA_KEY:
             model_proto.metadata_props.remove(p)
@@ -421,6 +308,34 @@ def _remove(*paths: Path) -> None:
             p.unlink()
         except FileNotFoundError:
             pass
+
+
+def _engine_card(model: nn.Module, name: str, engine_spec: ModelSpec, out_path: Path, out_name: str,
+                 in_dtype: str, precision: str, profile: dict, sha: str | None, built: dict) -> EngineCard:
+    """The card of an exported engine; for a pipeline's part, the pipeline's card listing it."""
+    import dataclasses
+
+    card = EngineCard(model=name, spec=engine_spec, overrides=dict(getattr(model, "registry_overrides", {}) or {}),
+                      input_name=INPUT_NAME, output_names=[out_name], dtype=in_dtype, precision=precision,
+                      batch=profile, checkpoint_sha256=sha, built_with=built)
+    pipeline = _pipeline_of(model)
+    if pipeline is None:
+        return card
+    (part,) = pipeline.parts  # export_module() is the one part; multi-part pipelines export per part
+    settings = {**model.spec.settings, **pipeline.model_settings(model)}
+    top = dataclasses.replace(model.spec, inputs=(), settings=settings, channels=engine_spec.channels)
+    return dataclasses.replace(card, spec=top, loop=pipeline.loop,
+                               parts={part: Part(file=out_path.name, inputs=engine_spec.inputs,
+                                                 outputs=(out_name,), precision=precision)})
+
+
+def _pipeline_of(model: nn.Module):
+    from rtkit.engines.registry import get_entry
+
+    try:
+        return get_entry(getattr(model, "registry_name", "")).pipeline
+    except KeyError:
+        return None
 
 
 def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
@@ -481,16 +396,15 @@ def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
         if spec.task == "embed":
             _keep_insightface_scaling(proto)
         in_dtype = "float16" if precision == "fp16" and not keep_io_types else "float32"
-        meta = EngineMeta(model=name, spec=engine_spec, input_name=INPUT_NAME, output_names=[out_name],
-                          dtype=in_dtype, precision=precision, batch=profile, checkpoint_sha256=sha,
-                          built_with=current_build_info(**build))
+        meta = _engine_card(model, name, engine_spec, out_path, out_name, in_dtype, precision, profile, sha,
+                            build_info(**build))
         set_metadata_props(proto, meta)
         _save(proto, tmp, name)
         onnx.checker.check_model(str(tmp))
         os.replace(tmp, out_path)
     finally:
         _remove(tmp)
-    write_sidecar(out_path, meta)
+    write_card(out_path, meta)
 
     if parity:
         from rtkit.export.parity import check_parity

@@ -152,7 +152,7 @@ def compare_output(name: str, reference: np.ndarray, candidate: np.ndarray, tol:
 def seeded_inputs(model: nn.Module, batch: int = PARITY_BATCH, seed: int = 0
                   ) -> dict[str, torch.Tensor]:
     """The model's example inputs drawn from a seeded generator (global RNG left untouched)."""
-    from rtkit.export.onnx import default_image_size, export_inputs, export_spec
+    from rtkit.export.graph import default_image_size, export_inputs, export_spec
 
     spec = export_spec(model)
     size = None if spec.input_size else default_image_size(spec, PARITY_SIDE)
@@ -162,16 +162,9 @@ def seeded_inputs(model: nn.Module, batch: int = PARITY_BATCH, seed: int = 0
 
 
 def _ort_session(path: Path):
-    import onnxruntime as ort
+    from rtkit.runtime.runners import ort_session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EngineError(f"ONNX Runtime cannot load {path}: {first}") from None
+    return ort_session(path)
 
 
 _ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -201,8 +194,8 @@ def check_parity(model: nn.Module | str, onnx_path: str | Path, inputs=None, *, 
     tol: overrides the default tolerance for the engine's task and precision.
     Returns a ParityReport; it does not raise on a mismatch (``report.raise_if_failed()`` does).
     """
-    from rtkit.export.metadata import read_metadata
-    from rtkit.export.onnx import INPUT_NAME, export_graph, export_spec, resolve_model
+    from rtkit.engines.card import read_card
+    from rtkit.export.graph import INPUT_NAME, export_graph, export_spec, resolve_model
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -211,7 +204,7 @@ def check_parity(model: nn.Module | str, onnx_path: str | Path, inputs=None, *, 
         model = resolve_model(model)[0]
     session = _ort_session(onnx_path)
     try:
-        meta = read_metadata(onnx_path)
+        meta = read_card(onnx_path).engine_card()
     except FileNotFoundError:
         meta = None  # a foreign ONNX: compare it as the model's spec says
     spec = export_spec(model)
@@ -253,12 +246,12 @@ def check_plan_parity(plan_path: str | Path, onnx_path: str | Path, *, seed: int
     The ONNX was itself checked against PyTorch when it was exported, so this closes the chain
     torch -> ONNX -> plan. ``batch`` defaults to 3 clipped to the plan's profile.
     """
-    from rtkit.export.metadata import read_metadata
-    from rtkit.export.onnx import default_export_inputs, default_image_size
+    from rtkit.engines.card import read_card
+    from rtkit.export.graph import default_export_inputs, default_image_size
     from rtkit.runtime.runners import TensorRTRunner
 
     plan_path, onnx_path = Path(plan_path), Path(onnx_path)
-    meta = read_metadata(plan_path)
+    meta = read_card(plan_path).engine_card()
     spec = meta.spec
     n = batch or min(max(PARITY_BATCH, meta.batch.get("min", 1)), meta.batch.get("max", PARITY_BATCH))
     size = image_size or (None if spec.input_size else default_image_size(spec, PARITY_SIDE))
@@ -270,7 +263,7 @@ def check_plan_parity(plan_path: str | Path, onnx_path: str | Path, *, seed: int
     feed = {k: v for k, v in feed.items() if k in graph_inputs}
     ref = run_onnx(session, feed)[session.get_outputs()[0].name]
     image = feed.pop(meta.input_name)
-    with TensorRTRunner(plan_path, device=device) as runner:
+    with TensorRTRunner(plan_path, device=device, card=meta) as runner:
         got = runner.infer(image, **feed).float().cpu().numpy()
     tol = tol or default_tolerance(spec.task, meta.precision, spec.value_range)
     embedding = spec.task == "embed"

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 from rtkit.engines.errors import EngineError, optional_import
-from rtkit.export.metadata import EngineMeta, read_metadata, write_sidecar
+from rtkit.engines.card import EngineCard, read_card, write_card
 
 PLAN_SUFFIXES = (".plan", ".engine", ".trt")
 
 
-def _validated_onnx_meta(onnx_path: Path) -> EngineMeta:
+def _validated_onnx_meta(onnx_path: Path) -> EngineCard:
     """The engine metadata of an rtkit ONNX, after checking the file is a readable model."""
     import onnx
 
@@ -40,7 +40,7 @@ def _validated_onnx_meta(onnx_path: Path) -> EngineMeta:
         raise EngineError(f"{onnx_path} is not a valid ONNX model ({first}); re-export it "
                           f"with rt-export") from None
     try:
-        return read_metadata(onnx_path)
+        return read_card(onnx_path)
     except FileNotFoundError:
         raise EngineError(f"{onnx_path} has no rtkit engine metadata (no {onnx_path.stem}.json "
                           f"beside it, no metadata_props); export it with rt-export") from None
@@ -174,11 +174,12 @@ def to_plan(onnx_path: str | Path, plan_path: str | Path, *, batch=None, precisi
     built.update({"tensorrt": trt.__version__, "compute_capability": cc,
                   "gpu": torch.cuda.get_device_name(device), "workspace_gb": workspace_gb,
                   "profile": shapes_used, "source_onnx": onnx_path.name})
-    plan_meta = EngineMeta(model=meta.model, spec=meta.spec, input_name=meta.input_name,
-                           output_names=list(meta.output_names), dtype=meta.dtype,
-                           precision=precision, batch=profile,
-                           checkpoint_sha256=meta.checkpoint_sha256, built_with=built)
-    write_sidecar(plan_path, plan_meta)
+    import dataclasses
+
+    plan_meta = dataclasses.replace(meta, precision=precision, batch=profile, built_with=built,
+                                    parts={k: dataclasses.replace(p, file=plan_path.name, precision=precision)
+                                           for k, p in meta.parts.items()})
+    write_card(plan_path, plan_meta)
     if parity:
         from rtkit.export.parity import check_plan_parity
 

@@ -261,12 +261,6 @@ def plan_job(src: Path, out: Path, opts: ConvertOptions) -> tuple[list[tuple[str
     return planned, skipped
 
 
-def path_seed(relpath: str, base: int = 0) -> int:
-    """A stable 31-bit seed for one file: the same on every run, machine and shard."""
-    h = hashlib.sha256(f"{base}:{relpath}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
-
-
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -419,13 +413,9 @@ def decode_batch(items: list[_Item], src_root: str, spec: ModelSpec, size: tuple
 
 def infer_batch(runner: Runner, items: list[_Item]) -> np.ndarray:
     """Run one batch of preprocessed items (all of one input shape) and free their inputs."""
-    extra = {}
-    if "seed" in runner.extra:
-        # A stochastic engine (UNSB, DDIM) draws its noise from a seed per image derived from the
-        # file's path, so an image's output does not depend on batching, sharding or resume.
-        base = int(runner.extra["seed"])
-        extra["seed"] = [path_seed(it.relpath, base) for it in items]
-    y = runner.infer(np.stack([it.x for it in items]), **extra)
+    # Keys name the samples: a stochastic engine (UNSB, DDIM) seeds each image's noise from its
+    # path, so an output does not depend on batching, sharding or resume.
+    y = runner.infer(np.stack([it.x for it in items]), keys=[it.relpath for it in items])
     for it in items:
         it.x = None
     return np.asarray(y)

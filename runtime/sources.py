@@ -50,7 +50,7 @@ def walk_files(src: str | Path, exclude: Path | None = None) -> tuple[list[str],
     return images, others
 
 
-def _check_container(data: bytes, suffix: str) -> None:
+def check_container(data: bytes, suffix: str) -> None:
     if data.startswith(_PNG_SIG):
         if _PNG_END not in data[-64:]:
             raise DecodeError("truncated PNG (no IEND chunk)")
@@ -135,7 +135,7 @@ def decode_bytes(data: bytes, suffix: str = "", spng: bool = False) -> np.ndarra
     but holding the interpreter lock, so only conversion processes (one thread each) ask for it."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    _check_container(data, suffix)
+    check_container(data, suffix)
     if spng and _pyspng is not None and data.startswith(_PNG_SIG) and _plain_rgb_png(data):
         _check_png_crcs(data)
         try:

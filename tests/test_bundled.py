@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from rtkit.engines import create
 from rtkit.engines.checkpoint import file_sha256
 from rtkit.engines.render2photo import BUNDLED_ONNX, BUNDLED_WEIGHTS
-from rtkit.export.metadata import read_metadata
+from rtkit.engines.card import read_card
 from rtkit.runtime import open_engine
 from rtkit.train.demo_translator import DemoTranslatorConfig, _pairs, style_gap, train_demo_translator
 
@@ -17,7 +17,7 @@ HELD_OUT = range(200, 206)  # far from the 56 identities the recipe trains and v
 
 
 def test_shipped_onnx_is_the_shipped_weights():
-    meta = read_metadata(BUNDLED_ONNX)
+    meta = read_card(BUNDLED_ONNX)
     assert meta.model == "render2photo" and meta.spec.alignment == "arcface112"
     assert meta.checkpoint_sha256 == file_sha256(BUNDLED_WEIGHTS)
     src, _ = _pairs(HELD_OUT[:2], 4, seed=0)
@@ -44,7 +44,7 @@ def test_training_command_is_deterministic_and_writes_a_loadable_engine(tmp_path
     wa, wb = load_file(a["weights"]), load_file(b["weights"])
     assert wa.keys() == load_file(str(BUNDLED_WEIGHTS)).keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert read_metadata(a["onnx"]).checkpoint_sha256 == file_sha256(a["weights"])
+    assert read_card(a["onnx"]).checkpoint_sha256 == file_sha256(a["weights"])
     with open_engine(a["onnx"]) as r:
         y = r.infer(np.zeros((2, 3, 112, 112), np.float32))
     assert y.shape == (2, 3, 112, 112) and np.isfinite(y).all()

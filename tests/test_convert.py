@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from rtkit.cli.convert import main as convert_cli
 from rtkit.engines import create
-from rtkit.export.metadata import EngineMeta, write_sidecar
+from rtkit.engines.card import EngineCard, write_card
 from rtkit.runtime import open_engine
 from rtkit.runtime.converter import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, convert, postprocess, preprocess
 from rtkit.runtime.manifest import Manifest, manifest_path
@@ -31,7 +31,7 @@ def _checkpoint(tmp: Path, name: str) -> Path:
     model = create(name, pretrained=False)
     path = tmp / f"{name}.safetensors"
     save_file(model.state_dict(), str(path))
-    write_sidecar(path, EngineMeta(model=name, spec=model.spec))
+    write_card(path, EngineCard(model=name, spec=model.spec))
     return path
 
 

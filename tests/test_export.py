@@ -21,9 +21,9 @@ from rtkit.cli.export import main as rt_export
 from rtkit.engines import create, list_models
 from rtkit.engines.checkpoint import file_sha256
 from rtkit.engines.errors import EngineError, MissingDependency
-from rtkit.engines.spec import ModelSpec
-from rtkit.export import check_parity, read_metadata, to_onnx, to_plan
-from rtkit.export.metadata import METADATA_KEY, EngineMeta
+from rtkit.engines.card import METADATA_KEY, EngineCard, read_card
+from rtkit.engines.spec import ModelSpec, TensorSpec
+from rtkit.export import check_parity, to_onnx, to_plan
 from rtkit.export.onnx import export_inputs, export_spec
 from rtkit.export.parity import Tolerance, default_tolerance
 from rtkit.runtime import open_engine
@@ -87,7 +87,7 @@ class ScalarBlend(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
-        self.spec = ModelSpec(task="translate", input_size=(16, 16), extra_inputs={"w": 0.5})
+        self.spec = ModelSpec(task="translate", input_size=(16, 16), inputs=(TensorSpec("w", "float32", (1,), 0.5),))
 
     def forward(self, x, w=0.5):
         w = torch.as_tensor(w, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
@@ -99,7 +99,7 @@ class ScalarBlend(nn.Module):
 @pytest.mark.parametrize("name", list_models(tiny=True))
 def test_every_tiny_model_exports_and_matches_torch(name, exported):
     model, _, path = exported(name)
-    meta = read_metadata(path)
+    meta = read_card(path)
     sess = _ort(path)
     assert [i.name for i in sess.get_inputs()] == list(export_inputs(model, 2))
     assert sess.get_inputs()[0].shape[0] == "batch"               # dynamic batch axis
@@ -124,7 +124,7 @@ def test_fp16_export_matches_fp32_torch_within_fp16_tolerance(name, tmp_path):
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT    # keep_io_types
                for i in list(proto.graph.input) + list(proto.graph.output))
-    meta = read_metadata(path)
+    meta = read_card(path)
     assert (meta.precision, meta.dtype) == ("fp16", "float32")
     report = check_parity(model, path)
     assert report.tolerance == default_tolerance(export_spec(model).task, "fp16")
@@ -136,7 +136,7 @@ def test_fp16_io_engine_takes_and_returns_half(tmp_path, render_onnx):
     model, ckpt, _ = render_onnx
     path = to_onnx(model, tmp_path / "half_io.onnx", precision="fp16", keep_io_types=False, log=None)
     assert _ort(path).get_inputs()[0].type == "tensor(float16)"
-    assert read_metadata(path).dtype == "float16"
+    assert read_card(path).dtype == "float16"
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 112, 112)).astype(np.float32)
     with open_engine(path) as runner:
         y = runner.infer(x)
@@ -155,7 +155,7 @@ def test_metadata_sidecar_and_metadata_props_round_trip(render_onnx):
 
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(props[METADATA_KEY]) == side
-    meta = EngineMeta.from_dict(side)
+    meta = EngineCard.from_dict(side)
     assert meta.model == "render2photo_tiny" and meta.task == "translate"
     assert meta.input_name == "input" and meta.output_names == ["output"]
     assert meta.spec == create("render2photo_tiny").spec
@@ -165,7 +165,7 @@ def test_metadata_sidecar_and_metadata_props_round_trip(render_onnx):
     # Without the sidecar the runtime reads the same metadata from the ONNX file itself.
     lone = path.with_name("lone.onnx")
     lone.write_bytes(path.read_bytes())
-    assert read_metadata(lone).to_dict() == meta.to_dict()
+    assert read_card(lone).to_dict() == meta.to_dict()
 
 
 def test_onnx_engine_converts_like_the_torch_model(render_onnx):
@@ -225,7 +225,7 @@ def test_corrupt_onnx_is_a_one_line_engine_error(render_onnx, tmp_path):
     lone = tmp_path / "lone.onnx"         # no sidecar: metadata comes from the broken file
     lone.write_bytes(path.read_bytes()[: 2000])
     for call in (lambda: check_parity(model, bad), lambda: open_engine(bad),
-                 lambda: to_plan(bad, tmp_path / "bad.plan"), lambda: read_metadata(lone)):
+                 lambda: to_plan(bad, tmp_path / "bad.plan"), lambda: read_card(lone)):
         with pytest.raises(EngineError) as err:
             call()
         assert "\n" not in str(err.value) and ".onnx" in str(err.value)
@@ -237,7 +237,7 @@ class SamplerLoop(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 1)
-        self.spec = ModelSpec(task="translate", input_size=(8, 8), extra_inputs={"steps": 2})
+        self.spec = ModelSpec(task="translate", input_size=(8, 8), settings={"steps": 2})
 
     def forward(self, x, steps: int = 2):
         for _ in range(int(steps)):
@@ -277,7 +277,7 @@ def test_bgr_recognizer_exported_for_rgb_input(tmp_path):
     model = _build_or_skip("adaface_tiny")
     assert model.spec.channels == "BGR"
     path = to_onnx(model, tmp_path / "ada_rgb.onnx", input_channels="RGB", log=None)
-    assert read_metadata(path).spec.channels == "RGB"
+    assert read_card(path).spec.channels == "RGB"
     rgb = np.random.default_rng(3).uniform(-1, 1, (2, 3, 112, 112)).astype(np.float32)
     got = _ort(path).run(None, {"input": rgb})[0]
     with torch.no_grad():
@@ -321,7 +321,7 @@ def test_cli_list_and_export(tmp_path):
                                          "--batch", "2:8:32"])
     assert res.exit_code == 0, res.output
     assert "PASS" in res.output and "max_abs" in res.output
-    assert read_metadata(out).batch == {"min": 2, "opt": 8, "max": 32}
+    assert read_card(out).batch == {"min": 2, "opt": 8, "max": 32}
 
 
 @pytest.mark.parametrize("args, exit_code, text", [
@@ -351,7 +351,7 @@ def test_plan_matches_onnx_and_records_gpu(precision, tmp_path):
     plan = to_plan(onnx_path, tmp_path / f"r_{precision}.plan", batch=(1, 4, 8), timing_cache=cache,
                    log=None)
     assert cache.stat().st_size > 0
-    meta = read_metadata(plan)
+    meta = read_card(plan)
     assert meta.built_with["tensorrt"] == trt.__version__
     assert meta.built_with["compute_capability"] == "%d.%d" % torch.cuda.get_device_capability()
     assert meta.batch == {"min": 1, "opt": 4, "max": 8} and meta.precision == precision

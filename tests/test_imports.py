@@ -28,7 +28,7 @@ def run_python(code: str, *args: str, cwd: Path | None = None) -> str:
 
 def test_light_modules_do_not_import_torch():
     out = run_python("""
-        import rtkit.cli.convert, rtkit.runtime, rtkit.runtime.converter, rtkit.export.metadata
+        import rtkit.cli.convert, rtkit.runtime, rtkit.runtime.converter, rtkit.engines.card
         import rtkit.engines.errors, rtkit.engines.spec, rtkit.engines, rtkit.export
         from rtkit.engines import ModelSpec, RtkitError, EngineError, optional_import
         from rtkit.engines.checkpoint import file_sha256

@@ -270,13 +270,13 @@ def test_vsait_checkpoint_is_lightning_layout(trained):
 @pytest.mark.parametrize("method", ["vsait", "decent", "unsb"])
 def test_exported_generator_converts_and_exports(method, trained, domains, tmp_path):
     from rtkit.export import to_onnx
-    from rtkit.export.metadata import read_metadata
+    from rtkit.engines.card import read_card
     from rtkit.runtime.converter import convert
 
     out, summary = trained(method)
     weights = Path(summary["weights"])
     name = RECIPES[method]["generator"]
-    assert read_metadata(weights).model == name
+    assert read_card(weights).model == name
     if method != "vsait":  # plain state_dict with the official key names
         assert set(torch.load(weights, weights_only=True)) == set(
             (create(name).generator if method == "unsb" else create(name)).state_dict())
@@ -291,7 +291,7 @@ def test_exported_generator_converts_and_exports(method, trained, domains, tmp_p
     assert converted.shape == (SAMPLE_SIZE, SAMPLE_SIZE, 3)
     assert np.abs(converted.astype(int) - decode_image(src / rel).astype(int)).mean() > 1
     onnx_path = to_onnx(create(name, checkpoint=weights), tmp_path / f"{name}.onnx", checkpoint=weights, log=None)
-    assert onnx_path.is_file() and read_metadata(onnx_path).model == name
+    assert onnx_path.is_file() and read_card(onnx_path).model == name
 
 
 # -- pieces ------------------------------------------------------------------------------------------

@@ -502,13 +502,13 @@ def _net_g_file(model: nn.Module, state: dict, folder: Path, step: int, latest: 
 
 def _with_sidecar_and_latest(model: nn.Module, path: Path, latest: Path, step: int, method: str) -> list[Path]:
     """Engine sidecar JSON beside ``path`` and a 'latest' hard link (copy where links fail)."""
+    from rtkit.engines.card import card_for_module, write_card
     from rtkit.engines.checkpoint import file_sha256
-    from rtkit.export.metadata import EngineMeta, current_build_info, write_sidecar
 
-    name = getattr(model, "registry_name", type(model).__name__)
-    meta = EngineMeta(model=name, spec=model.spec, checkpoint_sha256=file_sha256(path),
-                      built_with=current_build_info(trainer=f"rtkit.train.translator ({method})", step=step))
-    write_sidecar(path, meta)
+    meta = card_for_module(model, checkpoint_sha256=file_sha256(path), weights=path.name,
+                           training={"method": method, "step": step},
+                           trainer=f"rtkit.train.translator ({method})", step=step)
+    write_card(path, meta)
     tmp = latest.with_name(f".{latest.name}.{os.getpid()}.tmp")
     try:
         os.link(path, tmp)
@@ -516,7 +516,8 @@ def _with_sidecar_and_latest(model: nn.Module, path: Path, latest: Path, step: i
         import shutil
         shutil.copyfile(path, tmp)
     os.replace(tmp, latest)
-    write_sidecar(latest, meta)
+    meta.weights = latest.name
+    write_card(latest, meta)
     return [path, latest]
 
 
