@@ -5,8 +5,7 @@ from pathlib import Path
 
 import click
 
-from rtkit.cli.common import size_option, user_errors
-from rtkit.engines.errors import EngineError
+from rtkit.cli.common import parse_extra, size_option, user_errors
 
 EPILOG = """\b
 Every engine X.onnx / X.plan gets X.json beside it (ONNX files also carry it in their
@@ -34,6 +33,8 @@ Examples:
   rt-export codeformer_arcface112 --checkpoint codeformer.pth --fp16 --to plan cf.plan
   rt-export vsait.onnx --to plan vsait.plan --batch 1:128:512 --timing-cache trt.cache
   rt-export adaface_ir50 --checkpoint adaface.ckpt --channels RGB --to onnx ada.onnx
+  rt-export runs/decent/weights/latest_net_G.pth --to onnx decent.onnx   # a training output, by path
+  rt-export vsait --random-weights --to onnx vsait_random.onnx           # timing only
 """
 
 
@@ -68,18 +69,6 @@ def _list_models() -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
 
 
-def _target(to: str | None, out: Path) -> str:
-    guessed = {".onnx": "onnx", ".plan": "plan", ".engine": "plan", ".trt": "plan"}.get(out.suffix)
-    if to is None:
-        if guessed is None:
-            raise EngineError(f"cannot tell the target from {out.name}: give --to onnx|plan or end "
-                              f"OUT in .onnx / .plan")
-        return guessed
-    if guessed is not None and guessed != to:
-        raise EngineError(f"--to {to} but OUT ends in {out.suffix}; use .onnx for onnx, .plan for plan")
-    return to
-
-
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"],
                                                  "max_content_width": 100})
 @click.argument("model", required=False)
@@ -110,10 +99,15 @@ def _target(to: str | None, out: Path) -> str:
               help="TensorRT timing cache file: loaded if it exists, saved after the build.")
 @click.option("--no-parity", is_flag=True, help="Skip the checks (ONNX Runtime vs PyTorch, "
                                                 "TensorRT vs ONNX Runtime).")
+@click.option("--override", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Builder option of MODEL (e.g. ngf=32), repeatable; a training output's card "
+                   "already carries the ones it was trained with.")
+@click.option("--random-weights", is_flag=True, help="Allow a full-size model without weights "
+              "(random init: for timing only).")
 @click.option("--list", "list_", is_flag=True, help="List registered models and exit.")
 @user_errors
 def main(model, out, to, checkpoint, fp16, fp16_io, batch, opset, channels, image_size,
-         workspace_gb, timing_cache, no_parity, list_):
+         workspace_gb, timing_cache, no_parity, overrides, random_weights, list_):
     """Export MODEL (a registered name, see --list) to an ONNX engine or a TensorRT plan OUT,
     or build a plan from an exported MODEL.onnx.
 
@@ -126,41 +120,13 @@ def main(model, out, to, checkpoint, fp16, fp16_io, batch, opset, channels, imag
         return
     if not model or not out:
         raise click.UsageError("give MODEL and OUT (or --list)")
-    if fp16_io and not fp16:
-        raise click.UsageError("--fp16-io needs --fp16")
-    target = _target(to, out)
-    precision = "fp16" if fp16 else "fp32"
-    if target == "plan":
-        from rtkit.engines.errors import optional_import
+    from rtkit.export.build import export_engine
 
-        # Fail before a long ONNX export, not after it.
-        optional_import("tensorrt", extra="gpu", purpose="building a TensorRT plan")
-
-    if model.endswith(".onnx"):
-        if target != "plan":
-            raise EngineError(f"{model} is already an ONNX engine; use --to plan to build a plan")
-        if checkpoint:
-            raise click.UsageError("--checkpoint applies to a model name, not to an ONNX file")
-        from rtkit.export.tensorrt import to_plan
-
-        to_plan(model, out, batch=batch, precision="fp16" if fp16 else None,
-                workspace_gb=workspace_gb, timing_cache=timing_cache, image_size=image_size,
-                parity=not no_parity, log=click.echo)
-        return
-
-    from rtkit.export.onnx import to_onnx
-
-    onnx_out = out if target == "onnx" else out.with_suffix(".onnx")
-    to_onnx(model, onnx_out, checkpoint=checkpoint, precision=precision,
-            keep_io_types=not fp16_io, opset=opset, batch=batch or (1, 8, 64),
-            input_channels=channels, parity=not no_parity, log=click.echo)
-    click.echo(f"wrote {onnx_out} and {onnx_out.with_suffix('.json').name}")
-    if target == "plan":
-        from rtkit.export.tensorrt import to_plan
-
-        to_plan(onnx_out, out, batch=batch, precision=precision, workspace_gb=workspace_gb,
-                timing_cache=timing_cache, image_size=image_size, parity=not no_parity,
-                log=click.echo)
+    written = export_engine(model, out, to=to, checkpoint=checkpoint, overrides=parse_extra(overrides),
+                            fp16=fp16, fp16_io=fp16_io, batch=batch, opset=opset, channels=channels,
+                            image_size=image_size, workspace_gb=workspace_gb, timing_cache=timing_cache,
+                            parity=not no_parity, random_weights=random_weights, log=click.echo)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
 
 
 if __name__ == "__main__":

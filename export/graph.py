@@ -106,10 +106,15 @@ def export_graph(model: nn.Module, input_names: list[str], flip_channels: bool =
     return ExportGraph(module, [n for n in input_names if n != INPUT_NAME], flip_channels).eval()
 
 
-def resolve_model(model_or_name: nn.Module | str, checkpoint: str | Path | None = None
-                  ) -> tuple[nn.Module, str, str | None]:
-    """(model in eval mode, registry name, sha256 of its weights file or None)."""
+def resolve_model(model_or_name: nn.Module | str | Path, checkpoint: str | Path | None = None,
+                  overrides: dict | None = None) -> tuple[nn.Module, str, str | None]:
+    """(model in eval mode, registry name, sha256 of its weights file or None).
+
+    model_or_name: a built module, a registered name (built with ``checkpoint`` and builder
+    ``overrides``), or a weights file with its card beside it (a training output: the card names
+    the model and the builder overrides that rebuild it)."""
     from rtkit.engines import registry
+    from rtkit.engines.card import read_card
     from rtkit.engines.checkpoint import file_sha256
 
     if isinstance(model_or_name, nn.Module):
@@ -120,13 +125,18 @@ def resolve_model(model_or_name: nn.Module | str, checkpoint: str | Path | None 
         name = getattr(model, "registry_name", type(model).__name__)
         sha = file_sha256(checkpoint) if checkpoint else None
         return model.eval(), name, sha
+    path = Path(model_or_name)
+    if path.is_file():
+        if checkpoint is not None:
+            raise EngineError(f"{path} is a weights file already; --checkpoint applies to a model name")
+        card = read_card(path)
+        model = registry.create(card.model, checkpoint=path, **{**card.overrides, **(overrides or {})})
+        return model, card.model, file_sha256(path)
     name = str(model_or_name)
     try:
         entry = registry.get_entry(name)
     except KeyError:
-        raise EngineError(f"unknown model {name!r}; see rt-export --list") from None
-    model = registry.create(name, checkpoint=checkpoint)
+        raise EngineError(f"unknown model {name!r} and no such file; see rt-export --list") from None
+    model = registry.create(name, checkpoint=checkpoint, **(overrides or {}))
     ckpt = checkpoint if checkpoint is not None else entry.default_checkpoint
     return model, name, (file_sha256(ckpt) if ckpt else None)
-
-

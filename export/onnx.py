@@ -342,11 +342,12 @@ def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
             checkpoint: str | Path | None = None, precision: str = "fp32",
             keep_io_types: bool = True, opset: int = 17, batch=(1, 8, 64),
             input_channels: str | None = None, parity: bool = True, tol=None,
-            log: Callable[[str], None] | None = print) -> Path:
+            log: Callable[[str], None] | None = print, overrides: dict | None = None) -> Path:
     """Export a model to ONNX with its engine metadata; return the .onnx path.
 
-    model_or_name: a registered name (built with ``checkpoint``, else its bundled weights) or a
-        module from ``rtkit.engines.create`` (``checkpoint`` is then only recorded by sha256).
+    model_or_name: a registered name (built with ``checkpoint``, else its bundled weights, and
+        builder ``overrides``), a weights file with its card (a training output), or a module from
+        ``rtkit.engines.create`` (``checkpoint`` is then only recorded by sha256).
     precision: "fp32", or "fp16" (graph typed in fp16; inputs/outputs stay fp32 unless
         ``keep_io_types=False``).
     batch: (min, opt, max) batch profile recorded for the TensorRT build; the ONNX batch axis
@@ -366,7 +367,7 @@ def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
     if out_path.suffix != ".onnx":
         raise EngineError(f"ONNX output must end in .onnx, got {out_path}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    model, name, sha = resolve_model(model_or_name, checkpoint)
+    model, name, sha = resolve_model(model_or_name, checkpoint, overrides)
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).float().cpu()  # trace in fp32 on CPU; leave the caller's as is
     model.eval()
