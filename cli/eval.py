@@ -72,14 +72,17 @@ Example:
                    "cfp_fp.bin, cplfw.bin, calfw.bin, agedb_30.bin.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False),
               help="Write the result document (JSON, input of 'rt-eval report') here.")
-@click.option("--folds", default=10, show_default=True, help="Number of folds.")
+@click.option("--folds", default=10, show_default=True,
+              help="Number of folds (2 or more; each fold's threshold is chosen on the others).")
 @_embedding_options
 @user_errors
 def verify(engine, checkpoint, device, backend, precision, bins, out, folds, batch_size, workers,
            cache_dir, no_cache, no_flip, label, run_id, quiet):
     """Accuracy on insightface verification .bin files (10-fold protocol)."""
-    from rtkit.eval.report import write_result
-    from rtkit.eval.verification import format_verification, run_verification
+    from rtkit.eval.results import write_result
+    from rtkit.eval.verification import check_n_folds, format_verification, run_verification
+
+    check_n_folds(folds)  # before the recognizer is opened
 
     with _embedder(engine, checkpoint, device, backend, precision, batch_size, workers,
                    cache_dir, no_cache, quiet) as emb:
@@ -95,8 +98,10 @@ ROOT holds meta/ijbc_face_tid_mid.txt, meta/ijbc_template_pair_label.txt,
 meta/ijbc_name_5pts_score.txt and loose_crop/ (ijbb_* for IJB-B). Faces are aligned from
 the 5 landmarks to the ArcFace 112x112 template on worker threads. TAR is reported at
 FMR 1e-6 .. 1e-1 under two labelled conventions: 'insightface' (ROC point with FPR nearest
-the target, as eval_ijbc.py) and 'fmr_le_target' (best TAR with FMR <= target). With --out,
-the ROC curve is written beside it as .png and .pdf.
+the target, as eval_ijbc.py; the point's ROC index is recorded) and 'bob_measure' (threshold
+among the impostor scores with FMR <= target, as bob.measure.far_threshold; TAR = 1 - FNMR
+from bob.measure.farfrr), with the EER as bob.measure.eer. With --out, the ROC curve is
+written beside it as .png and .pdf.
 
 \b
 Example:
@@ -122,7 +127,8 @@ def ijbc(engine, checkpoint, device, backend, precision, root, dataset, out, nor
          save_scores, batch_size, workers, cache_dir, no_cache, no_flip, label, run_id, quiet):
     """IJB-C / IJB-B 1:1 template verification: TAR at FMR, AUC, ROC."""
     from rtkit.eval.ijbc import format_ijb, run_ijb
-    from rtkit.eval.report import plot_roc, write_result
+    from rtkit.eval.report import plot_roc
+    from rtkit.eval.results import write_result
 
     with _embedder(engine, checkpoint, device, backend, precision, batch_size, workers,
                    cache_dir, no_cache, quiet) as emb:
@@ -140,8 +146,11 @@ def ijbc(engine, checkpoint, device, backend, precision, root, dataset, out, nor
 
 @main.command(epilog="""\b
 Rows are labels (training data / transfer method) in the order first seen; runs with the
-same label are aggregated as mean ± sample std. Writes DIR/report.md (all tables),
-DIR/table2_verification.csv, DIR/table3_<dataset>_<convention>.csv and
+same label are aggregated as mean ± sample std. Table 2 shows the benchmarks the results
+hold; its avg is the five-benchmark average when all five are there, else the mean over
+those present (the column title says which). Writes DIR/report.md (all tables),
+DIR/table2_verification.csv, DIR/table3_<dataset>_<convention>.csv (insightface and
+bob_measure) and
 DIR/roc_<dataset>.png/.pdf (mean ROC per label).
 
 \b
@@ -161,9 +170,37 @@ def report(results, out_dir, no_plots):
         click.echo(f"wrote {p}")
 
 
+@main.command("make-pairs", epilog="""\b
+ROOT holds one folder per identity (ROOT/<identity>/<image>, e.g. a DigiFace-style tree or
+rt-sample output). The pairs are laid out as LFW's and the .bin benchmarks': N folds of
+P pairs, each fold P/2 genuine pairs then P/2 impostor pairs, every identity in one fold
+only (thresholds are chosen on other people), seeded. Evaluate with the same --folds.
+
+\b
+Example:
+  rt-eval make-pairs aligned/ pairs.txt --folds 10 --pairs-per-fold 600 --seed 0
+  rt-eval make-bin aligned/ pairs.txt mybench.bin""")
+@click.argument("root", type=click.Path())
+@click.argument("pairs", type=click.Path(dir_okay=False))
+@click.option("--folds", default=10, show_default=True, help="Identity-disjoint folds (2 or more).")
+@click.option("--pairs-per-fold", default=600, show_default=True,
+              help="Pairs in each fold, half genuine and half impostor (LFW: 600).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the draw.")
+@user_errors
+def make_pairs(root, pairs, folds, pairs_per_fold, seed):
+    """Write a genuine/impostor pairs list of an identity-folder tree (input of make-bin)."""
+    from rtkit.eval.pairs import make_pairs as write_pairs
+
+    res = write_pairs(root, pairs, folds=folds, pairs_per_fold=pairs_per_fold, seed=seed)
+    click.echo(f"wrote {res.path}: {res.pairs} pairs in {res.folds} folds "
+               f"({res.pairs_per_fold // 2} genuine + {res.pairs_per_fold // 2} impostor each) "
+               f"from {res.identities} identities, {res.images} images")
+
+
 @main.command("make-bin", epilog="""\b
-PAIRS lists one pair per line: 'relpath1 relpath2 1' (same person) or '... 0'. Images
-(JPEG/PNG, ideally aligned 112x112) are stored as they are; each is checked to decode.
+PAIRS lists one pair per line: 'relpath1 relpath2 1' (same person) or '... 0'
+('rt-eval make-pairs' writes one). Images (JPEG/PNG, ideally aligned 112x112) are stored
+as they are; each is checked to decode.
 
 \b
 Example:

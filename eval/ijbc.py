@@ -24,16 +24,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from rtkit.engines.align import ARCFACE_112, similarity_transform
+from rtkit.eval.results import new_result
 from rtkit.eval.roc import FMR_TARGETS, evaluate_scores
 from rtkit.eval.verification import BenchmarkError, l2_normalize
 
 DATASETS = ("IJBC", "IJBB")
 
-# The ArcFace 112x112 template: insightface writes the 96x112 template and shifts x by 8 px in
-# float32; building it the same way keeps the last bit of every coordinate identical.
-_TEMPLATE_96 = np.array([[30.2946, 51.6963], [65.5318, 51.5014], [48.0252, 71.7366],
-                         [33.5493, 92.3655], [62.7299, 92.2041]], dtype=np.float32)
-ARCFACE_TEMPLATE = _TEMPLATE_96 + np.array([8.0, 0.0], dtype=np.float32)
+# The ArcFace 112x112 template as eval_ijbc.py holds it: the 96x112 template in float32 with x
+# shifted by 8 px in float32. Rebuilt that way from the one template in rtkit.engines.align,
+# so every coordinate has insightface's last bit (a plain float32 cast differs in one of them).
+_SHIFT = np.array([8.0, 0.0])
+ARCFACE_TEMPLATE = (ARCFACE_112 - _SHIFT).astype(np.float32) + _SHIFT.astype(np.float32)
 ALIGNED_SIZE = 112
 
 EMBED_PIPELINE = "ijb-align5-arcface112-v1"  # part of the cache key: bump when alignment changes
@@ -182,40 +184,15 @@ def read_meta(root: str | Path, dataset: str = "IJBC") -> IJBMeta:
 
 # -- alignment ---------------------------------------------------------------------------------
 
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """2x3 matrix of the least-squares similarity (rotation, uniform scale, translation)
-    mapping points ``src`` onto ``dst`` (Umeyama 1991), computed in float64."""
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    n, dim = src.shape
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s0, d0 = src - mu_s, dst - mu_d
-    cov = d0.T @ s0 / n
-    u, sing, vt = np.linalg.svd(cov)
-    sign = np.ones(dim)
-    if np.linalg.det(cov) < 0:
-        sign[-1] = -1.0  # a reflection fits better; take the best proper rotation instead
-    rank = np.linalg.matrix_rank(cov)
-    if rank == 0:
-        raise ValueError("degenerate points (all coincide)")
-    if rank == dim - 1:  # collinear points: the sign of det(cov) says nothing
-        flip = np.ones(dim)
-        flip[-1] = 1.0 if np.linalg.det(u) * np.linalg.det(vt) > 0 else -1.0
-        rot = u @ np.diag(flip) @ vt
-    else:
-        rot = u @ np.diag(sign) @ vt
-    scale = (sing @ sign) / s0.var(0).sum()
-    m = np.empty((2, 3))
-    m[:, :2] = scale * rot
-    m[:, 2] = mu_d - scale * (rot @ mu_s)
-    return m
-
-
 def align_face(bgr: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
-    """Warp a BGR image so its five landmarks land on the ArcFace template; returns RGB."""
-    try:
+    """Warp a BGR image so its five landmarks land on the ArcFace template; returns RGB.
+
+    The least-squares similarity (Umeyama) of rtkit.engines.align, as skimage's estimate in
+    the official script. Landmarks all at one point leave nothing to align: a black face.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):  # coincident points: 0 / 0
         m = similarity_transform(landmarks, ARCFACE_TEMPLATE * (size / ALIGNED_SIZE))
-    except ValueError:  # all landmarks at one point: nothing to align, the face is lost
+    if not np.isfinite(m).all():
         return np.zeros((size, size, 3), dtype=np.uint8)
     img = cv2.warpAffine(bgr, m, (size, size), borderValue=0.0)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -338,8 +315,6 @@ def run_ijb(embedder, root: str | Path, dataset: str = "IJBC", *, flip: bool = T
 
     ``scores_out``: also save the pair scores (.npy), as the official script does.
     """
-    from rtkit.eval.report import new_result
-
     meta = read_meta(root, dataset)
     views = embed_ijb(embedder, meta, flip=flip)
     feats = image_features(views, meta.faceness, norm_weight=norm_weight,
@@ -367,12 +342,16 @@ def format_ijb(doc: dict) -> str:
     rows = [head]
     for conv, vals in doc["tar_at_fmr"].items():
         rows.append(f"{conv:<24}" + " ".join(f"{100 * vals[k]:7.2f}" for k in keys))
+    if "eer" in doc:
+        e = doc["eer"]
+        rows.append(f"EER {100 * e['eer']:.4f} % at threshold {e['threshold']:.6f} "
+                    f"(bob.measure: FMR {100 * e['fmr']:.4f} %, FNMR {100 * e['fnmr']:.4f} %)")
     rows.append(f"AUC {100 * doc['auc']:.4f} %   pairs {doc['n_pairs']} "
                 f"({doc['n_genuine']} genuine), templates {doc['n_templates']}")
     return "\n".join(rows)
 
 
 __all__ = ["DATASETS", "ARCFACE_TEMPLATE", "meta_paths", "read_face_tid_mid", "read_template_pairs",
-           "read_landmarks", "IJBMeta", "read_meta", "similarity_transform", "align_face",
+           "read_landmarks", "IJBMeta", "read_meta", "align_face",
            "load_aligned", "image_features", "template_features", "pair_scores",
            "evaluate_ijb_scores", "embed_ijb", "run_ijb", "format_ijb"]

@@ -1,123 +1,25 @@
-"""Result files of rt-eval and the reports built from them (the paper's Tables 2 and 3, ROC).
+"""The reports built from rt-eval result files (rtkit.eval.results): the paper's Tables 2 and 3
+as Markdown and CSV, and ROC figures.
 
-A result file is one JSON document written by ``rt-eval verify`` or ``rt-eval ijbc``:
-
-    {
-      "format": "rtkit-eval", "format_version": 1,
-      "kind": "verification" | "ijb",
-      "label": "DigiFace1M",          # row of the report: training data / transfer method
-      "run": "seed1",                 # runs with the same label are aggregated (mean +- std)
-      "model": "iresnet50", "engine": "...", "checkpoint": "...", "engine_identity": "sha256",
-      "backend": "torch", "precision": "fp32", "device": "cpu", "input": {...},
-      "created": "2025-01-01T00:00:00+00:00", "rtkit_version": "0.1.0",
-      # kind "verification":
-      "benchmarks": {"lfw": {"accuracy": 0.9929, "std": 0.0031, "pairs": 6000, ...}, ...},
-      "average": 0.8032 | null,       # mean accuracy of the five benchmarks when all are there
-      # kind "ijb":
-      "dataset": "IJBC", "options": {"flip": true, "norm_weight": true, "faceness_weight": true},
-      "tar_at_fmr": {"insightface": {"1e-06": 0.41, ...}, "fmr_le_target": {...}},
-      "auc": 0.99, "roc": {"fpr": [...], "tpr": [...]}, "n_pairs": ..., ...
-    }
-
-Accuracies and TARs are fractions in files and percentages in reports. Across runs the std is
-the sample std (ddof = 1); a single run has none.
+Across runs sharing a label the std is the sample std (ddof = 1); a single run has none.
+Table 2 shows only the benchmarks some result holds. Its average is the paper's five-benchmark
+average when LFW, CFP-FP, CPLFW, CALFW and AgeDB-30 are all there; otherwise it is the mean
+over the benchmarks present, and its title says which.
 """
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
-from rtkit.engines.errors import MissingDependency, RtkitError
+from rtkit.engines.errors import MissingDependency
+from rtkit.eval.results import load_results
 from rtkit.eval.roc import CONVENTIONS, FMR_TARGETS, fmr_key
 from rtkit.eval.verification import BENCHMARK_TITLES, BENCHMARKS
 
-RESULT_FORMAT = "rtkit-eval"
-RESULT_FORMAT_VERSION = 1
-KINDS = ("verification", "ijb")
 DATASET_TITLES = {"IJBC": "IJB-C", "IJBB": "IJB-B"}
-
-
-class ResultFileError(RtkitError, ValueError):
-    """A file given to the report that is not an rt-eval result."""
-
-
-# -- result documents --------------------------------------------------------------------------
-
-def _rtkit_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("rtkit")
-    except Exception:
-        return "unknown"
-
-
-def new_result(kind: str, embedder, *, label: str | None = None, run: str | None = None) -> dict:
-    """The common head of a result document for ``embedder`` (an rtkit.eval.embed.Embedder).
-
-    Defaults: label = the checkpoint's file stem, else the model name; run = the first 12
-    hex digits of the engine identity.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}")
-    info = embedder.describe()
-    default_label = Path(info["checkpoint"]).stem if info.get("checkpoint") else info["model"]
-    return {"format": RESULT_FORMAT, "format_version": RESULT_FORMAT_VERSION, "kind": kind,
-            "label": label or default_label, "run": run or info["engine_identity"][:12],
-            **info,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "rtkit_version": _rtkit_version()}
-
-
-def write_result(doc: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def load_results(paths) -> list[dict]:
-    """Result documents from files, or from the rt-eval result files among the *.json under a
-    folder (sorted; other JSON files there are skipped). A file named twice is read once."""
-    files: list[tuple[Path, bool]] = []  # (file, named explicitly)
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend((f, False) for f in sorted(p.rglob("*.json")))
-        elif p.is_file():
-            files.append((p, True))
-        else:
-            raise ResultFileError(f"result file not found: {p}")
-    docs = []
-    seen: set[Path] = set()
-    for f, explicit in files:
-        if f.resolve() in seen:  # named twice (e.g. a file and its folder)
-            continue
-        seen.add(f.resolve())
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            if not explicit:
-                continue  # other JSON files in a results folder are not ours to judge
-            raise ResultFileError(f"{f} is not an rt-eval result file (invalid JSON: {e})") from None
-        if not isinstance(doc, dict) or doc.get("format") != RESULT_FORMAT:
-            if not explicit:
-                continue
-            raise ResultFileError(f"{f} is not an rt-eval result file (no \"format\": "
-                                  f"\"{RESULT_FORMAT}\")")
-        if doc.get("format_version") != RESULT_FORMAT_VERSION or doc.get("kind") not in KINDS:
-            raise ResultFileError(f"{f}: unsupported result format version "
-                                  f"{doc.get('format_version')!r} or kind {doc.get('kind')!r}")
-        doc["_path"] = str(f)
-        docs.append(doc)
-    if not docs:
-        raise ResultFileError(f"no rt-eval result files in {', '.join(map(str, paths))}")
-    return docs
 
 
 # -- aggregation -------------------------------------------------------------------------------
@@ -150,23 +52,31 @@ def verification_runs(docs) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
-def verification_table(docs) -> list[dict]:
-    """Rows of Table 2: per label, mean/std/n over runs for each benchmark and the average.
+def verification_benchmarks(docs) -> tuple[list[str], list[str]]:
+    """(benchmarks some verification result holds, standard ones first in their usual order
+    then the others sorted; the benchmarks the avg column averages)."""
+    present = {b for d in docs if d["kind"] == "verification" for b in d["benchmarks"]}
+    columns = [b for b in BENCHMARKS if b in present] + sorted(present - set(BENCHMARKS))
+    averaged = list(BENCHMARKS) if all(b in present for b in BENCHMARKS) else columns
+    return columns, averaged
 
-    The average of a run is the mean of its five benchmarks; runs missing one are left out
-    of the avg column. Extra benchmarks (not among the five) get their own columns.
+
+def verification_table(docs) -> list[dict]:
+    """Rows of Table 2: per label, mean/std/n over runs for each benchmark present and the avg.
+
+    A run's avg is the mean over the averaged benchmarks (``verification_benchmarks``); runs
+    missing one of them are left out of the avg column.
     """
     runs_by_label = verification_runs(docs)
-    extra = sorted({b for runs in runs_by_label.values() for accs in runs.values()
-                    for b in accs if b not in BENCHMARKS})
+    columns, averaged = verification_benchmarks(docs)
     rows = []
     for label in _labels_in_order([d for d in docs if d["kind"] == "verification"]):
         runs = runs_by_label[label]
         row = {"label": label, "runs": len(runs), "columns": {}}
-        for b in (*BENCHMARKS, *extra):
+        for b in columns:
             row["columns"][b] = mean_std(a[b] for a in runs.values() if b in a)
-        row["columns"]["avg"] = mean_std(np.mean([a[b] for b in BENCHMARKS])
-                                         for a in runs.values() if all(b in a for b in BENCHMARKS))
+        row["columns"]["avg"] = mean_std(np.mean([a[b] for b in averaged])
+                                         for a in runs.values() if all(b in a for b in averaged))
         rows.append(row)
     return rows
 
@@ -183,6 +93,7 @@ def ijb_table(docs, dataset: str, convention: str) -> list[dict]:
             row["columns"][k] = mean_std(d["tar_at_fmr"][convention][k] for d in by_run.values()
                                          if k in d["tar_at_fmr"].get(convention, {}))
         row["columns"]["auc"] = mean_std(d["auc"] for d in by_run.values())
+        row["columns"]["eer"] = mean_std(d["eer"]["eer"] for d in by_run.values() if "eer" in d)
         rows.append(row)
     return rows
 
@@ -235,14 +146,25 @@ def csv_table(rows: list[dict], columns: list[tuple[str, str]], first: str) -> s
     return buf.getvalue()
 
 
-def verification_columns(rows: list[dict]) -> list[tuple[str, str]]:
-    extra = [k for k in (rows[0]["columns"] if rows else {}) if k not in (*BENCHMARKS, "avg")]
-    return ([(b, BENCHMARK_TITLES[b]) for b in BENCHMARKS] + [(b, b) for b in extra]
-            + [("avg", "avg")])
+def _title(benchmark: str) -> str:
+    return BENCHMARK_TITLES.get(benchmark, benchmark)
+
+
+def verification_columns(docs) -> list[tuple[str, str]]:
+    """(key, title) of Table 2's columns: the benchmarks present, then the avg."""
+    columns, averaged = verification_benchmarks(docs)
+    if averaged == list(BENCHMARKS):
+        avg = "avg"
+    elif len(averaged) == 1:
+        avg = f"avg ({_title(averaged[0])} only)"
+    else:
+        avg = f"avg of {len(averaged)} present ({', '.join(map(_title, averaged))})"
+    return [(b, _title(b)) for b in columns] + [("avg", avg)]
 
 
 def ijb_columns() -> list[tuple[str, str]]:
-    return [(fmr_key(t), f"TAR@FMR={fmr_key(t)}") for t in FMR_TARGETS] + [("auc", "AUC")]
+    return ([(fmr_key(t), f"TAR@FMR={fmr_key(t)}") for t in FMR_TARGETS]
+            + [("auc", "AUC"), ("eer", "EER")])
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -301,10 +223,15 @@ def write_report(result_paths, out_dir: str | Path, *, plots: bool = True) -> li
 
     vrows = verification_table(docs)
     if vrows:
-        cols = verification_columns(vrows)
+        cols = verification_columns(docs)
+        _, averaged = verification_benchmarks(docs)
+        avg_note = ("avg = mean of the five benchmarks per run" if averaged == list(BENCHMARKS)
+                    else f"avg = mean over the benchmarks present "
+                         f"({', '.join(map(_title, averaged))}) per run, not the five-benchmark "
+                         f"average of the paper")
         md += ["## Table 2: verification accuracy (%)", "",
-               "10-fold accuracy per benchmark (insightface protocol); avg = mean of the five "
-               "benchmarks per run.", "", markdown_table(vrows, cols, "training data"), ""]
+               f"10-fold accuracy per benchmark (insightface protocol); {avg_note}.", "",
+               markdown_table(vrows, cols, "training data"), ""]
         p = out_dir / "table2_verification.csv"
         p.write_text(csv_table(vrows, cols, "training data"))
         written.append(p)
@@ -315,11 +242,19 @@ def write_report(result_paths, out_dir: str | Path, *, plots: bool = True) -> li
         for conv, meaning in CONVENTIONS.items():
             rows = ijb_table(docs, ds, conv)
             md += [f"## Table 3: {title} 1:1 TAR (%) at FMR, convention `{conv}`", "",
-                   f"Convention `{conv}`: {meaning}. AUC = area under the ROC curve.", "",
+                   f"Convention `{conv}`: {meaning}. AUC = area under the ROC curve; EER = "
+                   f"equal error rate (bob.measure eer).", "",
                    markdown_table(rows, ijb_columns(), "training data"), ""]
             p = out_dir / f"table3_{ds.lower()}_{conv}.csv"
             p.write_text(csv_table(rows, ijb_columns(), "training data"))
             written.append(p)
+        old = sorted({d["_path"] for d in docs if d["kind"] == "ijb" and d["dataset"] == ds
+                      and d.get("format_version") == 1})
+        if old:
+            md += [f"{len(old)} {title} result file(s) of format 1 (e.g. `{old[0]}`) hold no "
+                   f"bob.measure TAR or EER: their `fmr_le_target` numbers used another rule "
+                   f"(any score as the threshold) and are not shown; evaluate again to fill "
+                   f"those cells.", ""]
         if plots:
             curves = [(f"{label} ({n} run{'s' if n > 1 else ''})", fpr, tpr)
                       for label, fpr, tpr, n in ijb_mean_roc(docs, ds)]
@@ -336,7 +271,6 @@ def write_report(result_paths, out_dir: str | Path, *, plots: bool = True) -> li
     return written
 
 
-__all__ = ["RESULT_FORMAT", "RESULT_FORMAT_VERSION", "ResultFileError", "new_result",
-           "write_result", "load_results", "mean_std", "verification_runs", "verification_table",
-           "ijb_table", "ijb_mean_roc", "markdown_table", "csv_table", "verification_columns",
-           "ijb_columns", "plot_roc", "write_report"]
+__all__ = ["DATASET_TITLES", "mean_std", "verification_runs", "verification_benchmarks",
+           "verification_table", "ijb_table", "ijb_mean_roc", "markdown_table", "csv_table",
+           "verification_columns", "ijb_columns", "plot_roc", "write_report"]

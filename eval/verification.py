@@ -4,12 +4,15 @@ A .bin is a pickle of ``(bins, issame_list)``: ``bins`` holds 2N encoded images 
 bytes), pair i being ``bins[2i]`` and ``bins[2i+1]``; ``issame_list`` holds N booleans. Files
 written by Python 2 need ``encoding='bytes'``. We read them without mxnet, through an
 unpickler that only accepts what such a file holds (lists, tuples, bytes, booleans, numpy
-arrays), so a .bin cannot run code.
+arrays), so a .bin cannot run code, and that refuses any allocation larger than the file, so a
+few bytes cannot ask for gigabytes.
 
 The protocol is insightface's: the embedding of an image and of its horizontal flip are summed
 and L2-normalised; distance is squared L2; thresholds ``np.arange(0, 4, 0.01)``; ten contiguous
 folds; for each fold the threshold with the best accuracy on the other nine (first one on
 ties) is applied to it; accuracy is reported as mean and (population) std over the folds.
+Along the way insightface computes, and we also report, the accuracy on the other folds at
+each chosen threshold and the TPR/FPR at every threshold averaged over the held-out folds.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import cv2
 import numpy as np
 
 from rtkit.engines.errors import RtkitError
+from rtkit.eval.results import new_result
 
 BENCHMARKS = ("lfw", "cfp_fp", "cplfw", "calfw", "agedb_30")
 BENCHMARK_TITLES = {"lfw": "LFW", "cfp_fp": "CFP-FP", "cplfw": "CPLFW", "calfw": "CALFW",
@@ -37,26 +41,120 @@ class BenchmarkError(RtkitError, ValueError):
 
 # -- reading and writing .bin files -----------------------------------------------------------
 
-# The only globals a verification .bin may reference: byte strings pickled by Python 3 with
-# protocol 2 go through _codecs.encode, and some files hold numpy arrays.
-_ALLOWED_GLOBALS = {
-    ("_codecs", "encode"),
-    ("builtins", "bytearray"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-}
+# What a verification .bin may reference, and nothing else: byte strings pickled by Python 3
+# with protocol 2 go through _codecs.encode (and bytearrays through bytearray), and some files
+# hold numpy arrays or scalars. Each is replaced by a checked stand-in that refuses to allocate
+# more than the file could hold, so a few bytes cannot ask for gigabytes (bytearray(10**9),
+# an array of a huge declared shape).
+
+class _Refused(pickle.UnpicklingError):
+    """Something a verification .bin never holds, or an allocation it could not justify."""
+
+
+class _LoadedArray(np.ndarray):
+    """An array being read from a .bin: its pickled state is checked before numpy allocates it."""
+
+    def __setstate__(self, state):
+        limit = self.__dict__.get("_rtkit_limit", 0)
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _Refused("it holds an array with an unexpected state")
+        shape, dtype = state[-4], state[-3]
+        if not isinstance(dtype, np.dtype):
+            raise _Refused("it holds an array without a dtype")
+        _check_allocation(shape, dtype, limit, "an array")
+        super().__setstate__(state)
+
+
+def _check_allocation(shape, dtype: np.dtype, limit: int, what: str) -> None:
+    """Refuse an allocation larger than the file: the data of a genuine array is in the file,
+    and each element of an object array costs at least one byte of it."""
+    if isinstance(shape, int):
+        shape = (shape,)
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise _Refused(f"it holds {what} with an invalid shape")
+    count = 1
+    for n in shape:
+        count *= n
+    size = count * (1 if dtype.hasobject else dtype.itemsize)
+    if size > limit:
+        raise _Refused(f"it asks for {what} of {size} bytes from a {limit}-byte "
+                                     f"file; refusing to allocate it")
+
+
+_NDARRAY = object()   # stands for numpy.ndarray: only _reconstruct may use it, nothing calls it
+_NUMPY_RECONSTRUCT = np.zeros(0).__reduce__()[0]          # what arrays pickle through
+_NUMPY_SCALAR = np.float64(0).__reduce__()[0]             # what numpy scalars pickle through
+_NUMPY_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]       # arrays pickled with protocol 5
+_LATIN1 = ("latin1", "latin-1", "iso-8859-1", "iso8859-1")
 
 
 class _BinUnpickler(pickle.Unpickler):
+    def __init__(self, file, limit: int):
+        super().__init__(file, encoding="bytes")
+        self.limit = limit
+        guarded = {"encode": self._encode, "bytearray": self._bytearray, "dtype": self._dtype,
+                   "ndarray": _NDARRAY, "_reconstruct": self._reconstruct,
+                   "scalar": self._scalar, "_frombuffer": self._frombuffer}
+        self.allowed = {}
+        for module, name in (("_codecs", "encode"), ("builtins", "bytearray"),
+                             ("__builtin__", "bytearray"), ("numpy", "ndarray"),
+                             ("numpy", "dtype")):
+            self.allowed[module, name] = guarded[name]
+        for core in ("numpy.core", "numpy._core"):  # numpy 1 and numpy 2 module names
+            for name in ("_reconstruct", "scalar"):
+                self.allowed[f"{core}.multiarray", name] = guarded[name]
+            self.allowed[f"{core}.numeric", "_frombuffer"] = guarded["_frombuffer"]
+
     def find_class(self, module, name):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(f"it references {module}.{name}, which a verification "
-                                         f".bin never holds; refusing to load it")
-        return super().find_class(module, name)
+        try:
+            return self.allowed[module, name]
+        except KeyError:
+            raise _Refused(f"it references {module}.{name}, which a verification "
+                                         f".bin never holds; refusing to load it") from None
+
+    def _encode(self, obj, encoding="utf-8", errors="strict"):
+        if not isinstance(obj, str) or str(encoding).lower() not in _LATIN1:
+            raise _Refused("it encodes something other than a latin-1 string")
+        return obj.encode("latin-1", errors)
+
+    def _bytearray(self, source=b"", *args):
+        # bytearray(n) allocates n zero bytes: a pickle may only rebuild one from its content.
+        if not isinstance(source, (bytes, bytearray, str)):
+            raise _Refused(f"it calls bytearray({type(source).__name__}), which "
+                                         f"allocates from a number instead of file content")
+        if isinstance(source, str):
+            return bytearray(self._encode(source, *(args or ("latin-1",))))
+        if args:
+            raise _Refused("it calls bytearray with an encoding for bytes")
+        return bytearray(source)
+
+    def _dtype(self, obj, align=False, copy=False):
+        if not isinstance(obj, (str, bytes)):
+            raise _Refused("it builds a numpy dtype from something other than a name")
+        dt = np.dtype(obj.decode("latin-1") if isinstance(obj, bytes) else obj, align=bool(align))
+        _check_allocation((), dt, self.limit, "a numpy element")
+        return dt
+
+    def _reconstruct(self, cls, shape, dtype):
+        if cls is not _NDARRAY:
+            raise _Refused("it rebuilds an array of a class other than numpy.ndarray")
+        dt = dtype if isinstance(dtype, np.dtype) else self._dtype(dtype)
+        _check_allocation(shape, dt, self.limit, "an array")
+        arr = _NUMPY_RECONSTRUCT(_LoadedArray, shape, dt)
+        arr._rtkit_limit = self.limit
+        return arr
+
+    def _scalar(self, dtype, *args):
+        if not isinstance(dtype, np.dtype):
+            raise _Refused("it builds a numpy scalar without a dtype")
+        _check_allocation((), dtype, self.limit, "a numpy scalar")
+        return _NUMPY_SCALAR(dtype, *args)
+
+    def _frombuffer(self, buf, dtype, shape, order):
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise _Refused("it builds an array from a buffer without a plain dtype")
+        _check_allocation(shape, dtype, self.limit, "an array")
+        return _NUMPY_FROMBUFFER(buf, dtype, shape, order)
 
 
 @dataclass
@@ -84,12 +182,12 @@ def load_bin(path: str | Path) -> VerificationSet:
         raise BenchmarkError(f"verification file not found: {path}")
     data = path.read_bytes()
     try:
-        obj = _BinUnpickler(io.BytesIO(data), encoding="bytes").load()
+        obj = _BinUnpickler(io.BytesIO(data), limit=len(data)).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
-            AttributeError, KeyError, MemoryError) as e:
+            AttributeError, LookupError, MemoryError, OverflowError, RecursionError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BenchmarkError(f"{path} is not a valid verification .bin (corrupt or truncated "
-                             f"pickle: {reason})") from None
+        what = "refused" if isinstance(e, _Refused) else "corrupt or truncated pickle"
+        raise BenchmarkError(f"{path} is not a valid verification .bin ({what}: {reason})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise BenchmarkError(f"{path} is not a verification .bin: expected a pickled "
                              f"(images, issame_list) pair, got {type(obj).__name__}")
@@ -173,11 +271,24 @@ def build_bin(image_root: str | Path, pairs_file: str | Path, out_bin: str | Pat
 
 # -- the 10-fold protocol ---------------------------------------------------------------------
 
+def check_n_folds(n_folds: int) -> None:
+    """BenchmarkError (one line) unless ``n_folds`` >= 2: each fold's threshold is chosen on
+    the other folds, so a single fold has nothing to choose it on."""
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise BenchmarkError(f"the verification protocol needs 2 or more folds, got {n_folds}")
+
+
+def check_folds(n: int, n_folds: int = N_FOLDS) -> None:
+    """BenchmarkError (one line) unless ``n`` pairs can be split into ``n_folds`` >= 2 folds."""
+    check_n_folds(n_folds)
+    if n < n_folds:
+        raise BenchmarkError(f"{n} pairs cannot be split into {n_folds} folds")
+
+
 def kfold_splits(n: int, n_folds: int = N_FOLDS) -> list[tuple[np.ndarray, np.ndarray]]:
     """Contiguous (train, test) index splits; the first ``n % n_folds`` folds get one extra
     item (the layout of sklearn's KFold without shuffling)."""
-    if n_folds < 2 or n < n_folds:
-        raise ValueError(f"need at least {n_folds} pairs for {n_folds} folds, got {n}")
+    check_folds(n, n_folds)
     sizes = np.full(n_folds, n // n_folds)
     sizes[: n % n_folds] += 1
     bounds = np.r_[0, np.cumsum(sizes)]
@@ -207,16 +318,35 @@ def fuse_flip(views: np.ndarray) -> np.ndarray:
 
 @dataclass
 class FoldAccuracy:
+    """insightface's calculate_roc on one benchmark, with what it computes along the way."""
+
     accuracy: float                 # mean over folds
     std: float                      # population std over folds
     fold_accuracies: list[float] = field(default_factory=list)
     fold_thresholds: list[float] = field(default_factory=list)
+    # Accuracy on the other folds at the chosen threshold (the best one there).
+    fold_train_accuracies: list[float] = field(default_factory=list)
+    # TPR and FPR at every threshold, each the mean over the held-out folds (insightface's
+    # returned tpr, fpr); a fold without genuine (impostor) pairs counts TPR (FPR) 0 there.
+    tpr: np.ndarray | None = None
+    fpr: np.ndarray | None = None
 
 
 def pair_distances(embeddings: np.ndarray) -> np.ndarray:
     """Squared L2 distance of rows 2i and 2i+1."""
     diff = np.subtract(embeddings[0::2], embeddings[1::2])
     return np.sum(np.square(diff), 1)
+
+
+def _rates(accepted: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TPR and FPR at each threshold (rows of ``accepted``), 0 where a class is absent."""
+    tp = np.count_nonzero(accepted & same, axis=1)
+    fp = np.count_nonzero(accepted & ~same, axis=1)
+    n_same = int(np.count_nonzero(same))
+    n_diff = same.size - n_same
+    tpr = tp / n_same if n_same else np.zeros(tp.size)
+    fpr = fp / n_diff if n_diff else np.zeros(fp.size)
+    return tpr, fpr
 
 
 def fold_accuracy(embeddings: np.ndarray, issame, n_folds: int = N_FOLDS,
@@ -226,16 +356,23 @@ def fold_accuracy(embeddings: np.ndarray, issame, n_folds: int = N_FOLDS,
     dist = pair_distances(np.asarray(embeddings))
     n = min(issame.size, dist.size)
     dist, issame = dist[:n], issame[:n]
+    splits = kfold_splits(n, n_folds)
     accepted = dist[None, :] < thresholds[:, None]      # (thresholds, pairs), accept when below
     correct = accepted == issame[None, :]
-    accs, best = [], []
-    for train, test in kfold_splits(n, n_folds):
+    accs, best, train_accs = [], [], []
+    tprs = np.zeros((n_folds, thresholds.size))
+    fprs = np.zeros((n_folds, thresholds.size))
+    for f, (train, test) in enumerate(splits):
         # Correct-decision counts compare exactly; argmax takes the first best threshold.
-        b = int(np.argmax(correct[:, train].sum(axis=1)))
+        train_correct = correct[:, train].sum(axis=1)
+        b = int(np.argmax(train_correct))
         best.append(float(thresholds[b]))
+        train_accs.append(float(train_correct[b]) / train.size)
         accs.append(float(correct[b, test].sum()) / test.size)
+        tprs[f], fprs[f] = _rates(accepted[:, test], issame[test])
     accs_arr = np.asarray(accs)
-    return FoldAccuracy(float(np.mean(accs_arr)), float(np.std(accs_arr)), accs, best)
+    return FoldAccuracy(float(np.mean(accs_arr)), float(np.std(accs_arr)), accs, best, train_accs,
+                        np.mean(tprs, 0), np.mean(fprs, 0))
 
 
 # -- running a recognizer over a .bin ---------------------------------------------------------
@@ -256,6 +393,7 @@ def embed_bin(embedder, vset: VerificationSet, *, flip: bool = True) -> np.ndarr
 def evaluate_bin(embedder, path: str | Path, *, flip: bool = True, n_folds: int = N_FOLDS) -> dict:
     """Accuracy of a recognizer on one .bin: a JSON-ready dict."""
     vset = load_bin(path)
+    check_folds(vset.n_pairs, n_folds)
     views = embed_bin(embedder, vset, flip=flip)
     embeddings = fuse_flip(views)
     res = fold_accuracy(embeddings, vset.issame, n_folds)
@@ -264,6 +402,9 @@ def evaluate_bin(embedder, path: str | Path, *, flip: bool = True, n_folds: int 
         "file": str(vset.path), "sha256": vset.sha256, "pairs": vset.n_pairs,
         "accuracy": res.accuracy, "std": res.std,
         "fold_accuracies": res.fold_accuracies, "fold_thresholds": res.fold_thresholds,
+        "fold_train_accuracies": res.fold_train_accuracies,
+        "roc_mean_over_folds": {"thresholds": "np.arange(0, 4, 0.01)", "tpr": res.tpr.tolist(),
+                                "fpr": res.fpr.tolist()},
         "xnorm": xnorm, "flip": flip,
     }
 
@@ -295,9 +436,8 @@ def expand_bin_paths(paths) -> list[Path]:
 
 def run_verification(embedder, paths, *, flip: bool = True, n_folds: int = N_FOLDS,
                      label: str | None = None, run: str | None = None) -> dict:
-    """Evaluate ``embedder`` on each .bin; the result document (see rtkit.eval.report)."""
-    from rtkit.eval.report import new_result
-
+    """Evaluate ``embedder`` on each .bin; the result document (see rtkit.eval.results)."""
+    check_n_folds(n_folds)  # before anything is read
     paths = expand_bin_paths(paths)
     for p in paths:  # fail before hours of embedding if a later file is missing
         if not p.is_file():
@@ -321,10 +461,15 @@ def format_verification(doc: dict) -> str:
         rows.append(f"{name:<10} {b['pairs']:>6}  {100 * b['accuracy']:.2f} +- {100 * b['std']:.2f}")
     if doc.get("average") is not None:
         rows.append(f"{'average':<10} {'':>6}  {100 * doc['average']:.2f} (five benchmarks)")
+    elif len(doc["benchmarks"]) > 1:
+        names = list(doc["benchmarks"])
+        mean = float(np.mean([doc["benchmarks"][b]["accuracy"] for b in names]))
+        rows.append(f"{'average':<10} {'':>6}  {100 * mean:.2f} (of the {len(names)} given: "
+                    f"{', '.join(names)})")
     return "\n".join(rows)
 
 
 __all__ = ["BENCHMARKS", "BENCHMARK_TITLES", "BenchmarkError", "VerificationSet", "load_bin",
-           "decode_image", "read_pairs", "build_bin", "kfold_splits", "l2_normalize", "fuse_flip", "FoldAccuracy",
-           "pair_distances", "fold_accuracy", "embed_bin", "evaluate_bin", "five_benchmark_average",
+           "decode_image", "read_pairs", "build_bin", "check_n_folds", "check_folds",
+           "kfold_splits", "l2_normalize", "fuse_flip", "FoldAccuracy", "pair_distances", "fold_accuracy", "embed_bin", "evaluate_bin", "five_benchmark_average",
            "expand_bin_paths", "run_verification", "format_verification"]

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from rtkit.engines import create
 from rtkit.engines.errors import RtkitError
-from rtkit.eval import ijbc, report, roc, verification
+from rtkit.engines import align
+from rtkit.eval import ijbc, report, results, roc, verification
 from rtkit.eval.embed import Embedder, to_model_input
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
@@ -121,18 +122,22 @@ def test_tar_at_fmr_conventions_against_references():
     for t in roc.FMR_TARGETS:
         expected = tpr_f[int(np.argmin(np.abs(fpr_f - t)))]
         assert doc["tar_at_fmr"]["insightface"][roc.fmr_key(t)] == expected
-    # FMR <= target: brute-force scan of every threshold.
+    for t in roc.FMR_TARGETS:  # the point insightface read is recorded with its index
+        p = doc["operating_points"]["insightface"][roc.fmr_key(t)]
+        assert (fpr[p["roc_index"]], tpr[p["roc_index"]]) == (p["fmr"], p["tar"])
+        assert len(fpr) - 1 - p["roc_index"] == int(np.argmin(np.abs(fpr_f - t)))
+    # bob.measure: brute force over the impostor scores (and just above the highest one).
     gen, imp = scores[labels == 1], scores[labels == 0]
-    cand = np.r_[np.inf, np.unique(scores)]
-    far = np.array([(imp >= c).mean() for c in cand])
-    tar = np.array([(gen >= c).mean() for c in cand])
+    cand = np.r_[np.nextafter(imp.max(), np.inf), np.unique(imp)[::-1]]
+    far = np.array([np.count_nonzero(imp >= c) / imp.size for c in cand])
     for t in roc.FMR_TARGETS:
-        assert doc["tar_at_fmr"]["fmr_le_target"][roc.fmr_key(t)] == pytest.approx(tar[far <= t].max(), abs=1e-15)
-        thr = doc["threshold_at_fmr"][roc.fmr_key(t)]
-        assert (imp >= thr).mean() <= t
+        thr = cand[np.flatnonzero(far <= t)[-1]]
+        p = doc["operating_points"]["bob_measure"][roc.fmr_key(t)]
+        assert p["threshold"] == thr and p["fmr"] <= t
+        assert doc["tar_at_fmr"]["bob_measure"][roc.fmr_key(t)] == 1 - np.count_nonzero(gen < thr) / gen.size
     assert doc["auc"] == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
     assert doc["n_genuine"] == labels.sum() and doc["n_impostor"] == (labels == 0).sum()
-    assert set(doc["conventions"]) == {"insightface", "fmr_le_target"}
+    assert set(doc["conventions"]) == {"insightface", "bob_measure"}
 
 
 # -- the 10-fold verification protocol ---------------------------------------------------------
@@ -399,7 +404,7 @@ def test_similarity_transform_and_alignment(ijbc_root):
         a, s, t = rng.uniform(-np.pi, np.pi), rng.uniform(0.2, 5), rng.uniform(-200, 200, 2)
         m = np.array([[s * np.cos(a), -s * np.sin(a)], [s * np.sin(a), s * np.cos(a)]])
         src = rng.uniform(0, 300, (5, 2))
-        est = ijbc.similarity_transform(src, src @ m.T + t)
+        est = align.similarity_transform(src, src @ m.T + t)
         np.testing.assert_allclose(est[:, :2], m, atol=1e-9)
         np.testing.assert_allclose(est[:, 2], t, atol=1e-7)
     skimage_transform = pytest.importorskip("skimage.transform")
@@ -410,10 +415,10 @@ def test_similarity_transform_and_alignment(ijbc_root):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # estimate() is deprecated in new skimage
             tf.estimate(src, dst)
-        np.testing.assert_allclose(ijbc.similarity_transform(src, dst), tf.params[:2], atol=1e-9)
+        np.testing.assert_allclose(align.similarity_transform(src, dst), tf.params[:2], atol=1e-9)
     meta = ijbc.read_meta(root)
     for i in (0, 7):  # aligning a loose crop gives back the identity's aligned face
-        m = ijbc.similarity_transform(meta.landmarks[i], ijbc.ARCFACE_TEMPLATE)
+        m = align.similarity_transform(meta.landmarks[i], ijbc.ARCFACE_TEMPLATE)
         moved = meta.landmarks[i].astype(np.float64) @ m[:, :2].T + m[:, 2]
         np.testing.assert_allclose(moved, ijbc.ARCFACE_TEMPLATE, atol=1e-3)
         aligned = ijbc.load_aligned(meta, i).astype(int)[10:102, 10:102]
@@ -548,7 +553,7 @@ def test_report_tables_from_result_files(tmp_path):
     written = report.write_report(files, out)
     names = {p.name for p in written}
     assert {"report.md", "table2_verification.csv", "table3_ijbc_insightface.csv",
-            "table3_ijbc_fmr_le_target.csv", "roc_ijbc.png", "roc_ijbc.pdf"} <= names
+            "table3_ijbc_bob_measure.csv", "roc_ijbc.png", "roc_ijbc.pdf"} <= names
     assert (out / "roc_ijbc.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "roc_ijbc.pdf").read_bytes()[:4] == b"%PDF"
 
@@ -567,7 +572,7 @@ def test_report_tables_from_result_files(tmp_path):
     cell = f"{np.mean([100 * a['cfp_fp'] for a in digi]):.2f} ± {np.std([100 * a['cfp_fp'] for a in digi], ddof=1):.2f}"
     assert cell in md
     assert "| training data | runs | LFW | CFP-FP | CPLFW | CALFW | AgeDB | avg |" in md
-    assert "convention `insightface`" in md and "convention `fmr_le_target`" in md
+    assert "convention `insightface`" in md and "convention `bob_measure`" in md
     t3 = list(csv.DictReader(open(out / "table3_ijbc_insightface.csv")))
     ijb = [100 * r[1e-4] for r in truth["DigiFace1M/ijb"]]
     assert float(t3[0]["1e-04_mean"]) == pytest.approx(np.mean(ijb), abs=1e-4)
@@ -577,14 +582,14 @@ def test_report_rejects_other_files(tmp_path):
     p = tmp_path / "x.json"
     p.write_text(json.dumps({"hello": 1}))
     with pytest.raises(RtkitError, match="not an rt-eval result"):
-        report.load_results([p])
+        results.load_results([p])
     p.write_text("{not json")
     with pytest.raises(RtkitError, match="invalid JSON"):
-        report.load_results([p])
+        results.load_results([p])
     with pytest.raises(RtkitError, match="no rt-eval result files"):
-        report.load_results([tmp_path])  # a folder: foreign JSON skipped, nothing left
+        results.load_results([tmp_path])  # a folder: foreign JSON skipped, nothing left
     good = _fake_result(tmp_path, "verification", "x", "1", {"lfw": 0.9})
-    docs = report.load_results([tmp_path, good])  # named twice: read once
+    docs = results.load_results([tmp_path, good])  # named twice: read once
     assert [d["label"] for d in docs] == ["x"]
 
 
@@ -594,11 +599,11 @@ def test_cli_help():
     from rtkit.cli.eval import main
 
     runner = CliRunner()
-    for cmd in ([], ["verify"], ["ijbc"], ["report"], ["make-bin"]):
+    for cmd in ([], ["verify"], ["ijbc"], ["report"], ["make-bin"], ["make-pairs"]):
         res = runner.invoke(main, [*cmd, "--help"])
         assert res.exit_code == 0, res.output
         assert "Usage" in res.output
-    assert "fmr_le_target" in runner.invoke(main, ["ijbc", "--help"]).output
+    assert "bob_measure" in runner.invoke(main, ["ijbc", "--help"]).output
 
 
 def test_cli_verify_make_bin_report(bin_file, checkpoint, tmp_path):
