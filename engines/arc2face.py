@@ -339,12 +339,12 @@ def _module_dtype_device(m: nn.Module):
 
 
 def _cast_callable(module: nn.Module):
-    """The module as a loop part: float32 tensors in, cast to the module's device and dtype."""
+    """The module as a loop part: float32 tensors in, cast to the module's device and dtype.
+    Gradients flow (the caller picks no_grad / inference_mode, as TorchRunner does)."""
 
     def run(*args):
         dtype, dev = _module_dtype_device(module)
-        with torch.inference_mode():
-            return module(*(a.to(dev, dtype) for a in args)).float()
+        return module(*(a.to(dev, dtype) for a in args)).float()
 
     return run
 
@@ -405,8 +405,8 @@ class Arc2Face(nn.Module):
         key = (str(dev), dtype)
         if key not in self._uncond_cache:
             self._uncond_cache.clear()
-            with torch.inference_mode():
-                self._uncond_cache[key] = self.encoder.uncond().float()
+            with torch.no_grad():  # a constant of the loop; no_grad (not inference mode) so it can
+                self._uncond_cache[key] = self.encoder.uncond().float()  # join a graph that trains
         return self._uncond_cache[key]
 
     def drop_cache(self) -> None:
