@@ -34,7 +34,7 @@ def naive(engine: Path, src: Path, out: Path, writer: str) -> float:
     import onnxruntime as ort
 
     from rtkit.engines.card import read_card
-    from rtkit.runtime.converter import postprocess, preprocess
+    from rtkit.runtime.image import postprocess, preprocess
     from rtkit.runtime.sinks import encode_png
 
     spec = read_card(engine).spec
@@ -61,7 +61,7 @@ def serial_rtkit(args: tuple) -> tuple[int, float]:
     import onnxruntime as ort
 
     from rtkit.engines.card import read_card
-    from rtkit.runtime.converter import postprocess, preprocess
+    from rtkit.runtime.image import postprocess, preprocess
     from rtkit.runtime.sinks import atomic_write, encode_png
     from rtkit.runtime.sources import decode_image
 
@@ -104,7 +104,7 @@ def _mean_kb(folder: Path) -> float:
 def main():
     from rtkit.engines.render2photo import BUNDLED_ONNX
     from rtkit.runtime.converter import convert
-    from rtkit.runtime.sample import make_sample_dataset
+    from rtkit.datasets.sample import make_sample_dataset
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engine", type=Path, default=BUNDLED_ONNX)

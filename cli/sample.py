@@ -38,7 +38,7 @@ Examples:
 @user_errors
 def main(out, style, identities, per_identity, seed, size, workers):
     """Write a deterministic procedural face dataset to OUT for demos and tests."""
-    from rtkit.runtime.sample import make_sample_dataset
+    from rtkit.datasets.sample import make_sample_dataset
 
     start = time.perf_counter()
     paths = make_sample_dataset(out, style=style, identities=identities, per_identity=per_identity,

@@ -1,12 +1,16 @@
-"""rtkit.runtime: runners over torch / ONNX Runtime / TensorRT, image sources and sinks, and
-the streaming whole-dataset converter."""
-from rtkit.runtime.runners import OnnxRunner, Runner, TensorRTRunner, TorchRunner, open_engine
+"""rtkit.runtime: runners over torch / ONNX Runtime / TensorRT and pipelines, image sources and
+sinks, the image contract, and the whole-dataset job with its executors."""
+from rtkit.runtime.runners import OnnxRunner, PipelineRunner, Runner, TensorRTRunner, TorchRunner, open_engine
 
-__all__ = ["open_engine", "Runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "convert"]
+__all__ = ["open_engine", "Runner", "TorchRunner", "OnnxRunner", "TensorRTRunner", "PipelineRunner",
+           "convert", "Summary"]
 
 
 def __getattr__(name):
-    if name in ("convert", "Summary"):
-        from rtkit.runtime import converter as _c
-        return getattr(_c, name)
+    if name == "convert":
+        from rtkit.runtime.converter import convert
+        return convert
+    if name == "Summary":
+        from rtkit.runtime.job import Summary
+        return Summary
     raise AttributeError(name)

@@ -1,15 +1,17 @@
-"""rt-convert's CPU mode: one conversion process per core, the parent owns the manifest.
+"""Conversion processes: one worker process per core (CPU) or per device, the parent owns the job.
 
 On a CPU every stage (decode, inference, encode) competes for the same cores, so the fastest
-schedule keeps each core on one image stream: each worker process decodes, translates (one
-single-threaded ONNX Runtime session) and encodes whole batches, and the processes overlap with
-one another. Compared with the threaded pipeline this spends nothing on the interpreter lock
-or on thread hand-overs (benchmarks/convert_cpu.py measures both against the bound).
+schedule keeps each core on one image stream: each worker decodes, translates and encodes whole
+batches (``stages.convert_batch``), and the processes overlap one another. With ``devices``
+(``--devices cuda:0,cuda:1``) each worker owns one device instead.
 
 The parent plans the job, marks each batch 'running' in the manifest before a worker can write
-it, hands out at most two batches per worker (the bounded queue), and records what comes back.
-Workers die with their parent (Linux parent-death signal), so a SIGKILLed run leaves no worker
-writing behind the run that resumes it.
+it, hands out at most two batches per worker, and records what comes back. A worker cannot
+outlive its parent: a watchdog thread in each worker waits on the parent's pidfd (Linux) and
+SIGKILLs its own process the moment the parent is gone, even mid-batch, and every worker holds
+the run's writers lock, so a new run starts only after every worker of a killed one has exited.
+A worker that dies mid-batch ends the run with one line; its batch stays 'running' and is
+redone (or adopted where its output was written whole) by the next run.
 """
 from __future__ import annotations
 
@@ -17,69 +19,96 @@ import collections
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
 from rtkit.engines.errors import RtkitError
-from rtkit.runtime.converter import (ConvertOptions, _Item, _Recorder, _StageClock, decode_batch,
-                                     encode_batch, group_by_shape, infer_batch)
+from rtkit.runtime.job import ConvertOptions, Recorder, StageClock
+from rtkit.runtime.stages import CpuSource, WorkItem, convert_batch
 
 _IN_FLIGHT = 2  # batches handed to a worker at once: one running, one waiting
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent exits (Linux only)."""
-    try:
-        import ctypes
+def _watch_parent(parent_pid: int) -> None:
+    """Kill this process as soon as ``parent_pid`` exits (fork-server children get no
+    parent-death signal from the run's process, whose child they are not)."""
+    def watch():
+        try:
+            import select
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+            fd = os.pidfd_open(parent_pid)
+            select.select([fd], [], [])  # readable when the parent has exited
+        except (AttributeError, OSError):
+            while True:  # no pidfd: poll
+                try:
+                    os.kill(parent_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
 
-def _worker(conn, engine_args: dict, src_root: str, opts: ConvertOptions) -> None:
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+def _worker(conn, parent_pid: int, writers_lock: str, engine_args: dict, src_root: str,
+            opts: ConvertOptions, device: str | None) -> None:
+    # Ctrl-C and SIGTERM are the parent's to handle; a worker just stops with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    _watch_parent(parent_pid)
+    from rtkit.runtime.outdir import hold_writers_lock
+
+    hold_writers_lock(writers_lock)  # held until this process exits
+    if os.getppid() != parent_pid and not _alive(parent_pid):
+        os._exit(0)
     import cv2
 
     cv2.setNumThreads(1)  # one core per process
     from rtkit.runtime.runners import open_engine
 
+    args = dict(engine_args)
+    if device is not None:
+        args["device"] = device
     try:
-        runner = open_engine(**engine_args)
+        runner = open_engine(**args)
     except BaseException as e:
-        conn.send(("error", _portable(e)))
+        _send(conn, ("error", _portable(e)))
         return
     spec = runner.spec
+    source = CpuSource(src_root, spng=True)
     made_dirs: set[str] = set()
     while True:
         try:
             job = conn.recv()
-        except EOFError:  # the parent is gone
-            return
+        except (EOFError, OSError):  # the parent is gone
+            os._exit(0)
         if job is None:
             break
-        items = [_Item(rel, out) for rel, out in job]
-        t0 = time.perf_counter()
-        ok, failed = decode_batch(items, src_root, spec, opts.size, spng=True)
-        t1 = time.perf_counter()
-        done, infer_s, encode_s = [], 0.0, 0.0
+        items = [WorkItem(rel, out) for rel, out in job]
         try:
-            for group in group_by_shape(ok):
-                t = time.perf_counter()
-                y = infer_batch(runner, group)
-                t2 = time.perf_counter()
-                d, f = encode_batch(group, y, spec, opts.fmt, opts.quality, made_dirs)
-                infer_s, encode_s = infer_s + t2 - t, encode_s + time.perf_counter() - t2
-                done += d
-                failed += f
+            done, failed, fatal, times = convert_batch(runner, items, source, spec, opts, made_dirs)
         except BaseException as e:  # a runner failure is a bug or a broken engine: stop the run
-            conn.send(("error", _portable(e)))
+            _send(conn, ("error", _portable(e)))
             return
-        conn.send(("batch", done, failed, (t1 - t0, infer_s, encode_s)))
+        _send(conn, ("batch", done, failed, fatal, times))
     runner.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _send(conn, msg) -> None:
+    try:
+        conn.send(msg)
+    except (BrokenPipeError, OSError):  # the parent is gone: nobody to tell
+        os._exit(0)
 
 
 def _portable(e: BaseException) -> BaseException:
@@ -106,15 +135,18 @@ def process_context():
 
 
 class _Worker:
-    def __init__(self, ctx, engine_args: dict, src_root: str, opts: ConvertOptions):
+    def __init__(self, ctx, writers_lock: str, engine_args: dict, src_root: str, opts: ConvertOptions,
+                 device: str | None):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, engine_args, src_root, opts),
+        self.device = device
+        self.proc = ctx.Process(target=_worker, args=(child, os.getpid(), writers_lock, engine_args,
+                                                      src_root, opts, device),
                                 daemon=True, name="rt-convert-worker")
         self.proc.start()
         child.close()
         self.in_flight: collections.deque = collections.deque()
 
-    def send(self, batch: list[_Item]):
+    def send(self, batch: list[WorkItem]):
         self.in_flight.append(batch)
         try:
             self.conn.send([(it.relpath, it.out) for it in batch])
@@ -134,34 +166,41 @@ class _Worker:
                           f"and are redone when you run the same command again")
 
 
-class ProcessPool:
-    """``n`` conversion processes, started before the parent plans the job so that their start-up
-    (fork, imports, engine session) overlaps the parent's walk and manifest work."""
+class ProcessExecutor:
+    """``n`` conversion processes (or one per device), started before the parent plans the job so
+    that their start-up (fork, imports, engine session) overlaps the parent's walk and manifest
+    work. ``writers_lock`` is the run's writers lock file (OutputLock.writers_path)."""
 
-    def __init__(self, engine_args: dict, n: int, src: Path, opts: ConvertOptions):
+    def __init__(self, engine_args: dict, n: int, src: Path, opts: ConvertOptions, writers_lock: str,
+                 devices: list[str] | None = None):
         ctx = process_context()
         self.opts = opts
-        self.workers = [_Worker(ctx, engine_args, os.fspath(src), opts) for _ in range(max(1, n))]
+        devs = devices or [None] * max(1, n)
+        self.workers_ = [_Worker(ctx, writers_lock, engine_args, os.fspath(src), opts, d) for d in devs]
+        self.name = f"processes ({len(self.workers_)}" + (f" on {', '.join(devices)})" if devices else ")")
 
     def __len__(self):
-        return len(self.workers)
+        return len(self.workers_)
 
-    def run(self, todo: list[_Item], rec: _Recorder, clock: _StageClock) -> None:
+    def workers(self) -> dict[str, int]:
+        return {"processes": len(self.workers_)}
+
+    def run(self, todo: list[WorkItem], rec: Recorder, clock: StageClock) -> None:
         """Convert ``todo``: hand out batches (at most _IN_FLIGHT per worker), record results."""
         bs = self.opts.batch_size
         batches = collections.deque(todo[i:i + bs] for i in range(0, len(todo), bs))
-        by_conn = {w.conn: w for w in self.workers}
+        by_conn = {w.conn: w for w in self.workers_}
 
         def hand_out(w: _Worker):
             while batches and len(w.in_flight) < _IN_FLIGHT and not rec.stop.is_set():
                 batch = batches.popleft()
-                rec.man.mark_running([it.relpath for it in batch])  # before any output can exist
+                rec.mark_running(batch)
                 w.send(batch)
 
-        for w in self.workers:
+        for w in self.workers_:
             hand_out(w)
-        while any(w.in_flight for w in self.workers):
-            for conn in wait([w.conn for w in self.workers if w.in_flight], timeout=0.25):
+        while any(w.in_flight for w in self.workers_):
+            for conn in wait([w.conn for w in self.workers_ if w.in_flight], timeout=0.25):
                 w = by_conn[conn]
                 try:
                     msg = conn.recv()
@@ -169,9 +208,9 @@ class ProcessPool:
                     raise w.died() from None
                 if msg[0] == "error":
                     raise msg[1]
-                _, done, failed, (decode_s, infer_s, encode_s) = msg
+                _, done, failed, fatal, (decode_s, infer_s, encode_s) = msg
                 w.in_flight.popleft()
-                rec.add(done, failed)
+                rec.add(done, failed, fatal)
                 clock.add("decode", decode_s)
                 clock.add("infer", infer_s)
                 clock.add("encode", encode_s)
@@ -180,10 +219,10 @@ class ProcessPool:
             rec.flush(every=0.25)
 
     def close(self) -> None:
-        for w in self.workers:
+        for w in self.workers_:
             w.stop()
         deadline = time.monotonic() + 5
-        for w in self.workers:
+        for w in self.workers_:
             w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.proc.is_alive():
                 w.proc.terminate()

@@ -95,30 +95,31 @@ class _UnnamedFiles:
         self.proc_fd: int | None = None
         self.usable = hasattr(os, "O_TMPFILE")
 
-    def write(self, final: str, data: bytes, fsync: bool) -> bool:
-        """True when written; False when this system cannot (the caller falls back)."""
+    def write(self, final: str, data: bytes, fsync: bool):
+        """(size, mtime_ns) when written; None when this system cannot (the caller falls back)."""
         if not self.usable:
-            return False
+            return None
         if self.proc_fd is None:
             try:  # /proc, not /proc/self: "self" must resolve at link time (forked workers)
                 self.proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
             except OSError:
                 self.usable = False
-                return False
+                return None
         try:
             fd = os.open(os.path.dirname(final) or ".", os.O_TMPFILE | os.O_WRONLY, 0o666)
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 self.usable = False  # a kernel or filesystem without O_TMPFILE
-                return False
+                return None
             raise
         try:
             _write_all(fd, data, fsync)
+            st = os.fstat(fd)
             try:
                 os.link(f"self/fd/{fd}", final, src_dir_fd=self.proc_fd)  # linkat, follows the fd link
             except FileExistsError:
-                return False  # replacing an existing file: rename does that atomically
-            return True
+                return None  # replacing an existing file: rename does that atomically
+            return st.st_size, st.st_mtime_ns
         finally:
             os.close(fd)
 
@@ -126,16 +127,28 @@ class _UnnamedFiles:
 _unnamed = _UnnamedFiles()
 
 
-def atomic_write(final: str | Path, data: bytes, fsync: bool = False) -> None:
+def atomic_write(final: str | Path, data: bytes, fsync: bool = False) -> tuple[int, int]:
     """Write ``data`` to ``final`` so that no reader, and no run killed at any moment, ever
-    sees a partial file. Plain os calls: this runs once per output image."""
+    sees a partial file; returns the written file's (size, mtime_ns). Plain os calls: this runs
+    once per output image."""
     final = os.fspath(final)
-    if _unnamed.write(final, data, fsync):
-        return
+    written = _unnamed.write(final, data, fsync)
+    if written is not None:
+        return written
     tmp = temp_path(final)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        _write_all(fd, data, fsync)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, data, fsync)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return st.st_size, st.st_mtime_ns
+

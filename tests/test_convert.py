@@ -20,9 +20,11 @@ from rtkit.cli.convert import main as convert_cli
 from rtkit.engines import create
 from rtkit.engines.card import EngineCard, write_card
 from rtkit.runtime import open_engine
-from rtkit.runtime.converter import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, convert, postprocess, preprocess
+from rtkit.runtime.converter import convert
+from rtkit.runtime.image import postprocess, preprocess
+from rtkit.runtime.job import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED
 from rtkit.runtime.manifest import Manifest, manifest_path
-from rtkit.runtime.sample import make_sample_dataset
+from rtkit.datasets.sample import make_sample_dataset
 
 
 def _checkpoint(tmp: Path, name: str) -> Path:
@@ -245,7 +247,7 @@ def test_warp_policy_realigns_arcface_crops_to_the_model_template():
     resize would put the mouth ~50 px too low), and the output is warped back onto the crop."""
     from rtkit.engines.align import template_points
     from rtkit.engines.spec import ModelSpec
-    from rtkit.runtime.sample import render_face
+    from rtkit.datasets.sample import render_face
 
     spec = ModelSpec(input_size=(512, 512), alignment="ffhq512", resize="warp")
     dots = np.full((112, 112, 3), 255, np.uint8)
@@ -366,22 +368,23 @@ def test_a_dead_conversion_process_stops_the_run_with_one_line(dataset, tmp_path
 
     from rtkit.engines.errors import RtkitError
     from rtkit.engines.render2photo import BUNDLED_ONNX
-    from rtkit.runtime.converter import ConvertOptions, Summary, _Item, _Recorder, _StageClock
-    from rtkit.runtime.processes import ProcessPool
+    from rtkit.runtime.job import ConvertOptions, Recorder, StageClock, Summary
+    from rtkit.runtime.processes import ProcessExecutor
+    from rtkit.runtime.stages import WorkItem
 
     opts = ConvertOptions(batch_size=2, progress=False)
-    pool = ProcessPool(dict(engine=BUNDLED_ONNX, threads=1), 2, dataset, opts)
+    pool = ProcessExecutor(dict(engine=BUNDLED_ONNX, threads=1), 2, dataset, opts, str(tmp_path / "w.lock"))
     try:
-        os.kill(pool.workers[0].proc.pid, signal.SIGKILL)
-        pool.workers[0].proc.join()
+        os.kill(pool.workers_[0].proc.pid, signal.SIGKILL)
+        pool.workers_[0].proc.join()
         rels = sorted(p.relative_to(dataset).as_posix() for p in dataset.rglob("*.png"))
         with Manifest(tmp_path / "m.sqlite") as man:
-            man.add_files([(r, r) for r in rels], [])
-            man.start_run()
-            rec = _Recorder(man, Summary("", "", "", ""), "e", len(rels), opts, threading.Event())
-            todo = [_Item(r, str(tmp_path / "out" / r)) for r in rels]
+            man.add_files([(r, r, (0, 0, 0)) for r in rels], [])
+            man.start_run(os.getpid(), "host", 0)
+            rec = Recorder(man, Summary("", "", "", ""), "e", len(rels), opts, threading.Event())
+            todo = [WorkItem(r, str(tmp_path / "out" / r)) for r in rels]
             with pytest.raises(RtkitError, match="conversion process died .* redone"):
-                pool.run(todo, rec, _StageClock())
+                pool.run(todo, rec, StageClock())
             rec.close()
             assert "running" in {r.status for r in man.rows()}
     finally:

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from rtkit.cli.sample import main as sample_cli
 from rtkit.engines.errors import RtkitError
-from rtkit.runtime import sample
-from rtkit.runtime.sample import (ARCFACE_112_LANDMARKS, face_landmarks, make_sample_dataset, render_face,
+from rtkit.datasets import sample
+from rtkit.datasets.sample import (ARCFACE_112_LANDMARKS, face_landmarks, make_sample_dataset, render_face,
                                   render_pair)
 
 N_IDS, N_SHOTS = 10, 8

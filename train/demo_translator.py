@@ -32,7 +32,7 @@ class DemoTranslatorConfig:
 
 
 def _pairs(ids, per_identity, seed):
-    from rtkit.runtime.sample import render_pair
+    from rtkit.datasets.sample import render_pair
 
     src, dst = [], []
     for i in ids:

@@ -1,0 +1,172 @@
+"""Executors: ways to schedule a job's batches, all behind ``run(todo, recorder, clock)``.
+
+``ThreadExecutor`` (here) is the streaming pipeline in one process: decode threads -> batcher ->
+inference threads -> encode threads, joined by bounded queues that carry whole batches.
+``ProcessExecutor`` (runtime/processes.py) runs one conversion process per core or device. The
+job (plan, manifest, recorder) is the same for all of them.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+from rtkit.engines.spec import ModelSpec
+from rtkit.runtime.job import ConvertOptions, Recorder, StageClock
+from rtkit.runtime.runners import Runner
+from rtkit.runtime.stages import CpuSource, WorkItem, encode_batch, infer_batch, prepare_batch
+
+_DONE = object()  # queue sentinel
+
+
+class ThreadExecutor:
+    """Every queue carries whole batches, not images: one hand-over between threads per batch
+    keeps the interpreter's share (under the GIL) small next to decode, inference and encode,
+    which all run outside it."""
+
+    name = "threads"
+
+    def __init__(self, runner: Runner, source, opts: ConvertOptions):
+        self.runner, self.source, self.opts = runner, source, opts
+
+    def workers(self) -> dict[str, int]:
+        o = self.opts
+        return {"decode": o.decode_workers, "infer": o.infer_workers, "encode": o.encode_workers}
+
+    def close(self) -> None:
+        pass
+
+    def run(self, todo: list[WorkItem], rec: Recorder, clock: StageClock) -> None:
+        run_threads(self.runner, self.runner.spec, self.source, todo, self.opts, rec, clock)
+
+
+def run_threads(runner: Runner, spec: ModelSpec, source: CpuSource, todo: list[WorkItem],
+                opts: ConvertOptions, rec: Recorder, clock: StageClock) -> None:
+    bs = opts.batch_size
+    task_q: queue.Queue = queue.Queue()
+    decoded_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
+    batch_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
+    encode_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
+    result_q: queue.Queue = queue.Queue()
+    stop = rec.stop
+    for i in range(0, len(todo), bs):
+        task_q.put(todo[i:i + bs])
+    for _ in range(opts.decode_workers):
+        task_q.put(_DONE)
+
+    def decode_worker():
+        while not stop.is_set():
+            chunk = task_q.get()
+            if chunk is _DONE:
+                break
+            t0 = time.perf_counter()
+            ok, images, failed = source.decode(chunk)
+            ready, bad = prepare_batch(ok, images, spec, opts.size)
+            clock.add("decode", time.perf_counter() - t0)
+            if failed or bad:
+                result_q.put(([], failed + bad, None))
+            if ready:
+                decoded_q.put(ready)
+        decoded_q.put(_DONE)
+
+    made_dirs: set[str] = set()
+    folder_error = threading.Event()
+
+    def encode_worker():
+        while True:
+            job = encode_q.get()
+            if job is _DONE:
+                break
+            if folder_error.is_set():
+                continue  # the output folder is full or read-only: write nothing more
+            t0 = time.perf_counter()
+            result = encode_batch(*job, spec, opts.fmt, opts.quality, made_dirs)
+            clock.add("encode", time.perf_counter() - t0)
+            result_q.put(result)
+            if result[2]:
+                folder_error.set()
+                stop.set()
+
+    errors: list[BaseException] = []
+
+    def infer_worker():
+        while True:
+            items = batch_q.get()
+            if items is _DONE:
+                break
+            if errors or stop.is_set():
+                continue  # a failed runner or a stop: drain without running
+            t0 = time.perf_counter()
+            try:
+                y = infer_batch(runner, items)
+            except BaseException as e:  # a runner failure is a bug or a broken engine: stop the run
+                errors.append(e)
+                stop.set()
+                continue
+            clock.add("infer", time.perf_counter() - t0)
+            encode_q.put((items, y))
+
+    decoders = [threading.Thread(target=decode_worker, daemon=True, name=f"decode-{i}")
+                for i in range(opts.decode_workers)]
+    inferers = [threading.Thread(target=infer_worker, daemon=True, name=f"infer-{i}")
+                for i in range(opts.infer_workers)]
+    encoders = [threading.Thread(target=encode_worker, daemon=True, name=f"encode-{i}")
+                for i in range(opts.encode_workers)]
+    for t in decoders + inferers + encoders:
+        t.start()
+
+    def drain(every: float):
+        while True:
+            try:
+                rec.add(*result_q.get_nowait())
+            except queue.Empty:
+                break
+        rec.flush(every)
+
+    def run_batch(items: list[WorkItem]):
+        rec.mark_running(items)
+        while True:  # wait for room while keeping the manifest and the progress bar current
+            try:
+                batch_q.put(items, timeout=0.05)
+                return
+            except queue.Full:
+                drain(every=0.25)
+
+    pending: dict[tuple, list[WorkItem]] = {}  # one batch per input shape (fully convolutional models)
+    live_decoders = len(decoders)
+    try:
+        while live_decoders:
+            try:
+                decoded = decoded_q.get(timeout=0.05)
+            except queue.Empty:
+                drain(every=0.25)
+                continue
+            if decoded is _DONE:
+                live_decoders -= 1
+                continue
+            if stop.is_set():
+                continue
+            for it in decoded:
+                group = pending.setdefault(it.x.shape, [])
+                group.append(it)
+                if len(group) >= bs:
+                    run_batch(pending.pop(it.x.shape))
+            drain(every=0.25)
+        if not stop.is_set():
+            for group in pending.values():
+                run_batch(group)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for _ in inferers:
+            batch_q.put(_DONE)
+        for t in inferers:
+            t.join()
+        for _ in encoders:
+            encode_q.put(_DONE)
+        for t in encoders:
+            t.join()
+        drain(0.0)
+    if errors:
+        raise errors[0]

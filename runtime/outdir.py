@@ -1,0 +1,130 @@
+"""The output folder of a job: what it may be, and who may write into it.
+
+- ``check_folders(src, out)``: refused before any work: OUT == SRC (also through symlinks), SRC
+  inside OUT, and any OUT where an output could land on a source file. OUT inside SRC is allowed
+  (the walk leaves it out).
+- ``OutputLock``: one job at a time holds a folder's manifest (an exclusive ``flock`` on
+  ``.rtkit/<manifest>.lock``; a second run is told who holds it). Every process that writes
+  outputs (the main process, conversion processes, device workers) also holds a shared lock on
+  ``.rtkit/<manifest>.writers``; a new run takes that one exclusively before it plans, so it
+  starts only once every process of a killed run is gone and nothing of an older run can land
+  after it.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from rtkit.engines.errors import RtkitError
+
+
+def _real(p: Path) -> Path:
+    return Path(os.path.realpath(p))
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_folders(src: str | Path, out: str | Path) -> None:
+    """Refuse output folders that could overwrite or read back the sources."""
+    src_r, out_r = _real(Path(src)), _real(Path(out))
+    if src_r == out_r:
+        raise RtkitError(f"OUT is the source folder ({out} -> {out_r}): outputs would overwrite the "
+                         f"sources; choose another output folder")
+    if _inside(src_r, out_r):
+        raise RtkitError(f"the source folder {src} is inside OUT {out}: outputs could land on source "
+                         f"files; choose an output folder outside the sources")
+    if _inside(out_r, src_r):
+        # Allowed (the walk skips OUT), unless OUT reaches back into SRC through a symlink inside it.
+        for dirpath, dirnames, _ in os.walk(out_r, followlinks=False):
+            for d in dirnames:
+                target = _real(Path(dirpath) / d)
+                if (Path(dirpath) / d).is_symlink() and _inside(target, src_r) and not _inside(target, out_r):
+                    raise RtkitError(f"{Path(dirpath) / d} in OUT links into the sources; outputs "
+                                     f"written through it would overwrite source files")
+            break  # only the top level: deeper folders are created by rtkit itself
+
+
+class LockedError(RtkitError):
+    """Another run holds the output folder."""
+
+
+class OutputLock:
+    """Exclusive hold of one manifest's output folder for the length of a run."""
+
+    def __init__(self, manifest_file: str | Path, wait_writers_s: float = 120.0):
+        self.path = Path(str(manifest_file) + ".lock")
+        self.writers_path = Path(str(manifest_file) + ".writers")
+        self.wait_writers_s = wait_writers_s
+        self.fd: int | None = None
+        self.writers_fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LockedError(f"{self.path.parent.parent} is being converted by another run "
+                                  f"({self.holder()}); wait for it to finish or stop it") from None
+            raise
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._wait_for_writers()
+        return self
+
+    def holder(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+            return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+        except (OSError, ValueError):
+            return "unknown process"
+
+    def _wait_for_writers(self) -> None:
+        """Exclusive on the writers lock = no process of an earlier run is alive; then keep it
+        shared for our own writers."""
+        fd = os.open(self.writers_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait_writers_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise LockedError(f"processes of an earlier run still hold {self.writers_path}; "
+                                      f"they did not exit within {self.wait_writers_s:.0f} s") from None
+                time.sleep(0.02)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # downgrade: our workers take it shared too
+        self.writers_fd = fd
+
+    def release(self) -> None:
+        for fd in (self.writers_fd, self.fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.writers_fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def hold_writers_lock(writers_path: str | Path) -> int:
+    """In a worker process: hold the run's writers lock (shared) until the process exits."""
+    fd = os.open(writers_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd

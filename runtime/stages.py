@@ -1,0 +1,165 @@
+"""The work of a conversion, batch by batch: decode + preprocess, infer, postprocess + encode + write.
+
+Every executor (threads, conversion processes, device workers, Ray) runs these same functions,
+so every guarantee of the job (what counts as a failure, how outputs are written) is the same
+whichever schedules them. The Source seam: ``CpuSource.batches(todo, spec, size)`` yields
+``(items, images, failures)``; a DALI or CUDA source plugs in with the same signature.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from rtkit.engines.errors import RtkitError
+from rtkit.engines.spec import ModelSpec
+from rtkit.runtime.image import preprocess, restore_geometry, to_uint8_hwc
+from rtkit.runtime.manifest import Done
+from rtkit.runtime.runners import Runner
+from rtkit.runtime.sinks import atomic_write, encode_image
+from rtkit.runtime.sources import DecodeError, decode_bytes, read_source
+
+
+@dataclass
+class WorkItem:
+    relpath: str                    # posix, relative to SRC; also the key that seeds stochastic engines
+    out: str                        # output path (a str: pathlib costs show at thousands of img/s)
+    out_hw: tuple[int, int] | None = None
+    x: np.ndarray | None = None     # the model input once decoded
+    src_sha256: str | None = None
+
+
+class OutputFolderError(RtkitError):
+    """The output folder cannot take more files (full, read-only, quota): the run stops."""
+
+
+# errno values that say the output folder, not the file, is the problem
+_FOLDER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+class CpuSource:
+    """Read and decode on the calling thread (conversion processes run one per core)."""
+
+    name = "cpu"
+
+    def __init__(self, src_root: str, spng: bool = False):
+        self.src_root = src_root
+        self.spng = spng
+
+    def decode(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[np.ndarray], list[tuple[str, str]]]:
+        ok, images, failed = [], [], []
+        for it in items:
+            try:
+                data = read_source(os.path.join(self.src_root, it.relpath))
+                it.src_sha256 = hashlib.sha256(data).hexdigest()
+                images.append(decode_bytes(data, os.path.splitext(it.relpath)[1].lower(), self.spng))
+                ok.append(it)
+            except DecodeError as e:
+                failed.append((it.relpath, str(e)))
+            except Exception as e:  # an image library error on one file must not stop the run
+                failed.append((it.relpath, f"{type(e).__name__}: {e}"))
+        return ok, images, failed
+
+    def batches(self, todo: list[WorkItem], spec: ModelSpec, size: tuple[int, int] | None,
+                batch_size: int = 64) -> Iterator[tuple[list[WorkItem], list[np.ndarray], list[tuple[str, str]]]]:
+        for i in range(0, len(todo), batch_size):
+            yield self.decode(todo[i:i + batch_size])
+
+
+def prepare_batch(items: list[WorkItem], images: list[np.ndarray], spec: ModelSpec,
+                  size: tuple[int, int] | None) -> tuple[list[WorkItem], list[tuple[str, str]]]:
+    """Decoded images -> model inputs on the items (``.x``), by the image contract."""
+    ok, failed = [], []
+    for it, rgb in zip(items, images):
+        try:
+            it.out_hw = size or rgb.shape[:2]
+            it.x = preprocess(rgb, spec)
+            ok.append(it)
+        except DecodeError as e:
+            failed.append((it.relpath, str(e)))
+        except Exception as e:
+            failed.append((it.relpath, f"{type(e).__name__}: {e}"))
+    return ok, failed
+
+
+def decode_batch(items: list[WorkItem], source: CpuSource, spec: ModelSpec,
+                 size: tuple[int, int] | None) -> tuple[list[WorkItem], list[tuple[str, str]]]:
+    """Read, decode and preprocess a batch: (items with .x set, [(relpath, reason)] failures)."""
+    ok, images, failed = source.decode(items)
+    ready, bad = prepare_batch(ok, images, spec, size)
+    return ready, failed + bad
+
+
+def infer_batch(runner: Runner, items: list[WorkItem]) -> np.ndarray:
+    """Run one batch of preprocessed items (all of one input shape) and free their inputs.
+
+    The keys name the samples: a stochastic engine (UNSB, DDIM) seeds each image's noise from
+    its path, so an output does not depend on batching, sharding or resume."""
+    y = runner.infer(np.stack([it.x for it in items]), keys=[it.relpath for it in items])
+    for it in items:
+        it.x = None
+    return np.asarray(y)
+
+
+def encode_batch(items: list[WorkItem], y: np.ndarray, spec: ModelSpec, fmt: str, quality: int,
+                 made_dirs: set[str]) -> tuple[list[Done], list[tuple[str, str]], str | None]:
+    """Postprocess, encode and atomically write a batch: (done, failures, folder error).
+
+    A folder error (disk full, read-only, quota) stops at the file that met it: that file and
+    the rest of the batch are neither done nor failed, so a rerun tries them again."""
+    done, failed = [], []
+    imgs = to_uint8_hwc(y, spec)  # the whole batch in one pass
+    for it, img in zip(items, imgs):
+        try:
+            data = encode_image(restore_geometry(img, spec, it.out_hw), fmt, quality)
+        except Exception as e:
+            failed.append((it.relpath, f"cannot encode output: {type(e).__name__}: {e}"))
+            continue
+        try:
+            folder = os.path.dirname(it.out)
+            if folder not in made_dirs:
+                os.makedirs(folder, exist_ok=True)
+                made_dirs.add(folder)
+            size, mtime_ns = atomic_write(it.out, data)
+        except OSError as e:
+            if e.errno in _FOLDER_ERRNOS:
+                return done, failed, f"cannot write {it.out}: {e.strerror or e}"
+            failed.append((it.relpath, f"cannot write output: {e.strerror or e}"))
+            continue
+        done.append(Done(it.relpath, hashlib.sha256(data).hexdigest(), size, mtime_ns, it.src_sha256))
+    return done, failed, None
+
+
+def group_by_shape(items: list[WorkItem]) -> list[list[WorkItem]]:
+    """A batch may only hold one input shape (fully convolutional engines take any size)."""
+    groups: dict[tuple, list[WorkItem]] = {}
+    for it in items:
+        groups.setdefault(it.x.shape, []).append(it)
+    return list(groups.values())
+
+
+def convert_batch(runner: Runner, items: list[WorkItem], source: CpuSource, spec: ModelSpec, opts,
+                  made_dirs: set[str]) -> tuple[list[Done], list[tuple[str, str]], str | None, tuple]:
+    """decode -> infer -> encode for one batch in the calling thread (conversion processes, device
+    workers, Ray tasks): (done, failures, folder error, (decode_s, infer_s, encode_s))."""
+    import time
+
+    t0 = time.perf_counter()
+    ok, failed = decode_batch(items, source, spec, opts.size)
+    t1 = time.perf_counter()
+    done, infer_s, encode_s = [], 0.0, 0.0
+    for group in group_by_shape(ok):
+        t = time.perf_counter()
+        y = infer_batch(runner, group)
+        t2 = time.perf_counter()
+        d, f, fatal = encode_batch(group, y, spec, opts.fmt, opts.quality, made_dirs)
+        infer_s, encode_s = infer_s + t2 - t, encode_s + time.perf_counter() - t2
+        done += d
+        failed += f
+        if fatal:
+            return done, failed, fatal, (t1 - t0, infer_s, encode_s)
+    return done, failed, None, (t1 - t0, infer_s, encode_s)
