@@ -161,7 +161,8 @@ class DaliSource:
             frames, kept = [], []
             for it, data in zip(items, blobs):
                 try:
-                    frames.append(self._to_device(decode_bytes(data, os.path.splitext(it.relpath)[1].lower())))
+                    rgb = decode_bytes(data, os.path.splitext(it.relpath)[1].lower())
+                    frames.append(self._to_device(rgb))
                     kept.append(it)
                 except DecodeError as e:
                     failures.append((it.relpath, str(e)))
