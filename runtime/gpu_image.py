@@ -34,10 +34,7 @@ import torch.nn.functional as F
 from rtkit.engines.align import template_transform
 from rtkit.engines.spec import ModelSpec
 
-try:  # the image contract's home after the converter is split
-    from rtkit.runtime.image import SOURCE_ALIGNMENT, model_input_size
-except ImportError:
-    from rtkit.runtime.converter import SOURCE_ALIGNMENT, model_input_size
+from rtkit.runtime.image import SOURCE_ALIGNMENT, model_input_size
 
 __all__ = ["as_frames", "preprocess_batch", "to_uint8_nhwc", "restore_geometry_batch",
            "postprocess_batch", "resize_batch_u8", "warp_batch_u8", "resize_mode", "model_input_size"]

@@ -18,10 +18,7 @@ pytest.importorskip("nvidia.dali")
 from rtkit.runtime.dali_source import DaliSource  # noqa: E402
 from rtkit.runtime.sources import decode_image, walk_files  # noqa: E402
 
-try:
-    from rtkit.datasets.sample import make_sample_dataset
-except ImportError:  # before the sample world moved to rtkit.datasets
-    from rtkit.runtime.sample import make_sample_dataset
+from rtkit.datasets.sample import make_sample_dataset
 
 
 @dataclass

@@ -23,15 +23,9 @@ from rtkit.runtime.gpu_image import (as_frames, postprocess_batch, preprocess_ba
                                      to_uint8_nhwc)
 from rtkit.runtime.sources import DecodeError, decode_image
 
-try:
-    from rtkit.datasets.sample import make_sample_dataset
-except ImportError:  # before the sample world moved to rtkit.datasets
-    from rtkit.runtime.sample import make_sample_dataset
+from rtkit.datasets.sample import make_sample_dataset
 
-try:
-    from rtkit.runtime.image import postprocess, preprocess
-except ImportError:  # before the converter split
-    from rtkit.runtime.converter import postprocess, preprocess
+from rtkit.runtime.image import postprocess, preprocess
 
 
 @pytest.fixture(scope="module")
