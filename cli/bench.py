@@ -120,11 +120,13 @@ Examples:
 @click.option("--random-weights", is_flag=True, help="Time models that have no weights here with "
               "random ones (labelled in the table).")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="Runtime input for every model.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch intra-op threads (default: torch's; "
+              "1 avoids oversubscription on a loaded CPU).")
 @click.option("--out", type=click.Path(file_okay=False), default="table1", show_default=True,
               help="Folder for table1.md, table1.csv, table1.png and the work files (OUT/work).")
 @user_errors
 def table1_cmd(models, tiny, device, backends, precisions, batch_sizes, images, seconds, naive_seconds,
-               size, checkpoints, random_weights, extra, out):
+               size, checkpoints, random_weights, extra, threads, out):
     """Measure the paper's Table 1 for MODELS (default: every translator) on this machine."""
     from pathlib import Path
 
@@ -134,7 +136,8 @@ def table1_cmd(models, tiny, device, backends, precisions, batch_sizes, images, 
     models = list(models) or list_models(task="translate", tiny=tiny)
     opts = Table1Options(device=device, backends=backends, precisions=precisions, batch_sizes=batch_sizes,
                          images=images, seconds=seconds, naive_seconds=naive_seconds, size=size,
-                         checkpoints=checkpoints, random_weights=random_weights, extra=parse_extra(extra))
+                         checkpoints=checkpoints, random_weights=random_weights, extra=parse_extra(extra),
+                         threads=threads)
     rows = table1(models, Path(out) / "work", opts, log=lambda s: click.echo(s, err=True))
     paths = write_table1(rows, out, device)
     click.echo(table1_markdown(rows, device))

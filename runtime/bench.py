@@ -156,6 +156,7 @@ class Table1Options:
     checkpoints: dict[str, str] = field(default_factory=dict)
     random_weights: bool = False
     extra: dict = field(default_factory=dict)
+    threads: int | None = None                # torch intra-op threads (None: torch's default)
 
 
 def available_backends(device: str) -> list[str]:
@@ -287,6 +288,10 @@ def table1(models: Sequence[str], work_dir: str | Path, opts: Table1Options | No
     if opts.images < 1:
         raise RtkitError(f"--images must be at least 1, got {opts.images}")
 
+    if opts.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, opts.threads))
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     src = work / "src"
@@ -378,7 +383,8 @@ def _fmt(v) -> str:
 
 def table1_markdown(rows: Sequence[Table1Row], device: str = "") -> str:
     head = [f"Table 1 on {device_name(device) if device else 'this machine'}: seconds per image "
-            f"(s/img) and images per second (img/s); paper: {PAPER_GPU}, the source paper's figures.",
+            f"(s/img) and images per second (img/s); paper: the source paper's {PAPER_GPU} figures "
+            f"for the full-size network (also shown beside its tiny variant).",
             "Compute: the runner on seeded inputs at the batch size. End to end: image files in, "
             "image files out (rtkit.runtime.convert). Naive loop: one image at a time in PyTorch "
             "(fp32, batch 1), files in and out, in the same run."]
