@@ -3,8 +3,8 @@
     python benchmarks/train_throughput.py --data DigiFace1M --backbone adaface_ir50 --batch-size 256
     python benchmarks/train_throughput.py                      # sample faces, tiny model, CPU-sized
 
-(a) data: the training DataLoader (cv2 decode + augmentation in --workers processes), each
-    batch copied to the device and mapped to [-1, 1]; no model.
+(a) data: the training DataLoader (validating decode + augmentation in --workers processes),
+    each batch copied to the device and mapped to the backbone's input (its spec); no model.
 (b) compute: one batch kept on the device, full training steps (forward, margin head, loss,
     backward, SGD) in the chosen precision; no data loading.
 (c) both: the training loop as rt-train runs it (loader feeding train_step).
@@ -33,17 +33,17 @@ def _sync(device: torch.device):
 
 
 def bench_data(trainer, steps: int, warmup: int) -> float:
-    from rtkit.train.data import to_model_range
+    from rtkit.train.images import to_model_input
 
     dev = trainer.ctx.device
     it = iter(trainer.loader)
     for _ in range(warmup):
-        to_model_range(next(it)[0], dev)
+        to_model_input(next(it)[0], trainer.spec, dev)
     _sync(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
         images, labels = next(it)
-        to_model_range(images, dev)
+        to_model_input(images, trainer.spec, dev)
         labels.to(dev, non_blocking=True)
     _sync(dev)
     return _rate(steps * trainer.cfg.batch_size, time.perf_counter() - t0)
@@ -107,7 +107,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if not data:
-            from rtkit.runtime.sample import make_sample_dataset
+            from rtkit.datasets.sample import make_sample_dataset
             root = Path(tmp) / "faces"
             print(f"generating {args.identities} x {args.per_identity} sample faces ...")
             make_sample_dataset(root, identities=args.identities, per_identity=args.per_identity,

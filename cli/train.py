@@ -76,12 +76,14 @@ def _milestones(ctx, param, value):
 @click.option("--no-augment", is_flag=True, help="Turn off crop/low-res/photometric augmentation and flips.")
 @click.option("--augment-p", type=click.FloatRange(0, 1), default=0.2,
               help="Probability of each of crop, low-res and photometric augmentation.")
-@click.option("--image-size", type=click.IntRange(min=16), default=112, help="Square input size.")
+@click.option("--image-size", type=click.IntRange(min=16), default=112,
+              help="Square input size, a multiple of 16; the trained model's card records it (rt-eval "
+                   "then feeds that size).")
 @click.option("--workers", type=click.IntRange(min=0), default=8, help="Decode processes per GPU/process.")
 @click.option("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK).")
 @click.option("--seed", type=int, default=0)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None,
-              help="Stop after this many optimiser steps (the schedule still spans --epochs).")
+              help="Stop after this many optimiser steps; the LR schedule is scaled to them.")
 @click.option("--save-every", type=click.IntRange(min=0), default=0,
               help="Also checkpoint every N steps (0: only at the end of each epoch).")
 @click.option("--keep", type=click.IntRange(min=0), default=3, help="Checkpoints kept (0: all).")
@@ -110,7 +112,9 @@ def recognizer(data, same_identities, out, backbone, backbone_opts, backbone_che
       torchrun --nproc-per-node 8 $(which rt-train) recognizer --data DigiFace1M --out runs/ddp
 
     Writes checkpoints every epoch (exact resume with --resume), the trained backbone in its
-    official format with a model card (model.json: rtkit.engines.create loads it), and log.csv.
+    official format with its engine card (model.ckpt|.pth + model.json: `rt-eval verify --engine
+    OUT/model.ckpt` and `rt-export` open it by its path), and log.csv. Images that do not decode
+    are skipped (never trained on) and listed in OUT/skipped_images.txt.
     """
     import os
 
@@ -139,10 +143,19 @@ def recognizer(data, same_identities, out, backbone, backbone_opts, backbone_che
         val = "".join(f", {k[4:]} {100 * v:.2f}%" for k, v in s.items()
                       if k.startswith("val_") and not k.endswith("_std"))
         click.echo(f"{s['steps']} steps ({s['epochs']:.2f} epochs), loss {s['first_loss']:.4f} -> "
-                   f"{s['last_loss']:.4f}, {s['img_per_s']:.0f} img/s{val}; model card {s['model_card']}")
+                   f"{s['last_loss']:.4f}, {s['img_per_s']:.0f} img/s{val}; model {s['weights']}")
 
 
 # -- rt-train translator ----------------------------------------------------------------------
+
+def _preset_help() -> str:
+    from rtkit.train.presets import PRESETS
+
+    return ("Start from a named recipe; options given on the command line override it. tiny: every "
+            "width scaled for 64 px on a CPU (" + "; ".join(
+                f"{m}: {r['generator']}, {r['steps']} steps" for m, r in PRESETS["tiny"].items())
+            + "); see rtkit/train/presets.py.")
+
 
 @main.command("translator", context_settings={"show_default": True, "max_content_width": 100})
 @click.option("--method", required=True, type=click.Choice(["vsait", "decent", "unsb"]),
@@ -153,13 +166,14 @@ def recognizer(data, same_identities, out, backbone, backbone_opts, backbone_che
 @click.option("--target", required=True, type=click.Path(exists=True, file_okay=False),
               help="Target-domain image tree (e.g. real photos); unpaired with the source.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output folder: weights/ (official-format generator + engine JSON), checkpoints/, "
+              help="Output folder: weights/ (official-format generator + engine card), checkpoints/, "
                    "samples/, log.csv, config.json.")
+@click.option("--preset", type=click.Choice(["tiny"]), default=None, help=_preset_help())
 @click.option("--generator", default=None,
               help="Registered generator to train (default: the method's, e.g. vsait/decent/unsb; "
-                   "vsait_tiny/cut_tiny/unsb_tiny for quick tests).")
+                   "vsait_tiny/cut_tiny/unsb_tiny for quick runs).")
 @click.option("--generator-opt", "generator_opts", multiple=True, metavar="KEY=VALUE",
-              help="Generator builder override, e.g. ngf=32 (rtkit.engines.create then needs the same).")
+              help="Generator builder override, e.g. ngf=32 (recorded in the weights' card).")
 @click.option("--init", "generator_checkpoint", type=click.Path(exists=True, dir_okay=False),
               help="Start the generator from these weights instead of random init.")
 @click.option("--method-opt", "method_opts", multiple=True, metavar="KEY=VALUE",
@@ -174,10 +188,20 @@ def recognizer(data, same_identities, out, backbone, backbone_opts, backbone_che
 @click.option("--no-flip", is_flag=True, help="No random horizontal flips.")
 @click.option("--features", "feature_weights", type=click.Path(exists=True, dir_okay=False),
               help="VSAIT: local VGG19 weights with torchvision's key names (e.g. vgg19-dcbb9e9d.pth).")
-@click.option("--feature-net", type=click.Choice(["vgg19", "vgg19_tiny"]), default="vgg19",
-              help="VSAIT feature network (vgg19_tiny: 1/8 width, for tests).")
+@click.option("--feature-net", type=click.Choice(["vgg19", "vgg19_tiny", "vgg19_tiny_fixed"]), default="vgg19",
+              help="VSAIT feature network. vgg19_tiny: 1/8 width (weights from --features or "
+                   "--random-features); vgg19_tiny_fixed: the same layout with deterministic built-in "
+                   "colour/edge filters, no file needed (a CPU stand-in, not VGG19).")
 @click.option("--random-features", is_flag=True,
               help="VSAIT without a VGG19 file: the features are RANDOM (not the published recipe).")
+@click.option("--val-source", type=click.Path(exists=True, file_okay=False),
+              help="Held-out source images: their translations' style gap to --val-target is logged "
+                   "every --val-every steps and keeps the best weights. Default: fixed crops of the "
+                   "training folders.")
+@click.option("--val-target", type=click.Path(exists=True, file_okay=False),
+              help="Held-out target images (with --val-source).")
+@click.option("--val-every", type=click.IntRange(min=0), default=500,
+              help="Style gap (and best weights) every N steps and at the end (0: at the end only).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
               help="auto: bf16 (or fp16 with loss scaling) on GPU, fp32 on CPU.")
 @click.option("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK).")
@@ -191,9 +215,10 @@ def recognizer(data, same_identities, out, backbone, backbone_opts, backbone_che
               help="Continue a run: alone, from the latest checkpoint in --out; or from the given "
                    "checkpoint file or output folder.")
 @user_errors
-def translator(method, source, target, out, generator, generator_opts, generator_checkpoint, method_opts, steps,
-               batch_size, crop_size, load_size, no_flip, feature_weights, feature_net, random_features, precision,
-               device, seed, workers, save_every, sample_every, log_every, keep, resume):
+def translator(method, source, target, out, preset, generator, generator_opts, generator_checkpoint, method_opts,
+               steps, batch_size, crop_size, load_size, no_flip, feature_weights, feature_net, random_features,
+               val_source, val_target, val_every, precision, device, seed, workers, save_every, sample_every,
+               log_every, keep, resume):
     """Train an unpaired image translator (VSAIT, DECENT or UNSB) on two image folders.
 
     \b
@@ -202,12 +227,15 @@ def translator(method, source, target, out, generator, generator_opts, generator
           --features vgg19-dcbb9e9d.pth --crop 112
     DECENT with the CUT-family recipe:
       rt-train translator --method decent --source renders --target photos --out runs/decent --load-size 286
+    Minutes on a CPU, every width scaled down (64 px images):
+      rt-train translator --method decent --preset tiny --source renders --target photos --out runs/tiny \\
+          --val-source heldout_renders --val-target heldout_photos
     Several GPUs (batch size is per process):
       torchrun --nproc-per-node 4 $(which rt-train) translator --method unsb ...
 
-    The generator is saved in its official format under OUT/weights with an engine JSON beside
+    The generator is saved in its official format under OUT/weights with its engine card beside
     it, so `rt-convert --engine OUT/weights/last.ckpt` (VSAIT) or `.../latest_net_G.pth`
-    (DECENT, UNSB) and `rt-export` use it directly.
+    (DECENT, UNSB), `.../best*` (the lowest held-out style gap) and `rt-export` use it directly.
     """
     import os
 
@@ -218,14 +246,28 @@ def translator(method, source, target, out, generator, generator_opts, generator
 
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_procs))
-    cfg = TranslatorConfig(
-        method=method, source=source, target=target, generator=generator,
-        generator_overrides=parse_extra(generator_opts), generator_checkpoint=generator_checkpoint,
-        options=parse_extra(method_opts), steps=steps, batch_size=batch_size, crop_size=crop_size,
-        load_size=load_size, flip=not no_flip, feature_net=feature_net, feature_weights=feature_weights,
-        random_features=random_features, precision=precision, device=device, seed=seed, workers=workers,
-        save_every=save_every, sample_every=sample_every, log_every=log_every, keep=keep)
+    given = dict(generator=generator, steps=steps, batch_size=batch_size, crop_size=crop_size, load_size=load_size,
+                 flip=not no_flip, feature_net=feature_net, feature_weights=feature_weights,
+                 random_features=random_features, val_source=val_source, val_target=val_target,
+                 val_every=val_every, precision=precision, device=device, seed=seed, workers=workers,
+                 save_every=save_every, sample_every=sample_every, log_every=log_every, keep=keep)
+    options = parse_extra(method_opts)
+    if preset is not None:
+        # only what the command line states overrides the preset (click knows which were typed)
+        ctx = click.get_current_context()
+        param_of = {"flip": "no_flip"}
+        given = {k: v for k, v in given.items()
+                 if ctx.get_parameter_source(param_of.get(k, k)) != click.core.ParameterSource.DEFAULT}
+        cfg = TranslatorConfig.from_preset(method, source, target, preset, options=options,
+                                           generator_overrides=parse_extra(generator_opts),
+                                           generator_checkpoint=generator_checkpoint, **given)
+    else:
+        cfg = TranslatorConfig(method=method, source=source, target=target,
+                               generator_overrides=parse_extra(generator_opts),
+                               generator_checkpoint=generator_checkpoint, options=options, **given)
     s = train_translator(cfg, out, resume=resume, log=click.echo)
     if int(os.environ.get("RANK", "0") or 0) == 0:
+        best = (f"; best {s['best_weights']} (step {s['best']['step']}, style gap "
+                f"{s['best']['val_style_gap']:.2f})" if s.get("best_weights") else "")
         click.echo(f"{method}: steps {s['start_step']} -> {s['final_step']} in {s['seconds']:.0f} s "
-                   f"({s['img_per_s']:.1f} img/s); generator {s['weights']}")
+                   f"({s['img_per_s']:.1f} img/s); generator {s['weights']}{best}")

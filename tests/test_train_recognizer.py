@@ -27,10 +27,14 @@ from rtkit.engines import create
 from rtkit.train.checkpointing import CheckpointDir, load_training_state
 from rtkit.train.data import (AugmentConfig, EpochSampler, FaceFolderDataset, augment_face,
                               index_face_folders)
+from rtkit.engines.card import read_card
+from rtkit.engines.errors import RtkitError
+from rtkit.train.distributed import init_distributed
 from rtkit.train.heads import AdaFaceHead
-from rtkit.train.loop import StepSchedule, decay_parameter_groups, init_distributed
+from rtkit.train.images import to_model_input
+from rtkit.train.optim import StepSchedule, decay_parameter_groups
 from rtkit.train.recognizer import (BinVerifier, RecognizerConfig, RecognizerTrainer,
-                                    load_trained_recognizer, official_backbone_file)
+                                    load_trained_recognizer, official_backbone_file, trained_spec)
 
 SIZE = 48
 TRAIN_IDS, HELDOUT_IDS, PER_ID = 20, 10, 8
@@ -40,7 +44,7 @@ STEPS, RESUME_AT = 80, 37          # 5 steps per epoch: the resume point is mid-
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory):
     """Sample faces: identities 0-19 for training, 20-29 held out for verification."""
-    from rtkit.runtime.sample import make_sample_dataset
+    from rtkit.datasets.sample import make_sample_dataset
 
     base = tmp_path_factory.mktemp("faces")
     make_sample_dataset(base / "all", identities=TRAIN_IDS + HELDOUT_IDS, per_identity=PER_ID, size=SIZE)
@@ -112,12 +116,12 @@ def test_resume_gives_the_same_next_losses(trained, sample_data, tmp_path):
     with a different number of decode workers (the data order and augmentation are keyed)."""
     ckpt = CheckpointDir(trained["out"] / "checkpoints").path(RESUME_AT)
     assert ckpt.is_file()
-    cfg = _config([sample_data / "train"], max_steps=RESUME_AT + 5, val_bins=[])
+    cfg = _config([sample_data / "train"], max_steps=STEPS, val_bins=[])
     resumed = []
     trainer = RecognizerTrainer(cfg, tmp_path / "resumed", resume=ckpt,
                                 on_step=lambda step, m: resumed.append((step, m["loss"].item())), log=None)
     assert trainer.step == RESUME_AT
-    trainer.fit()
+    trainer.fit(until=RESUME_AT + 5)   # the same run (and schedule), stopped early
     steps = [s for s, _ in resumed]
     assert steps == list(range(RESUME_AT + 1, RESUME_AT + 6))
     expected = trained["losses"][RESUME_AT:RESUME_AT + 5]
@@ -135,9 +139,11 @@ def test_checkpoint_holds_everything_for_resume(trained):
 
 def test_official_adaface_checkpoint_round_trips_through_create(trained):
     out, trainer = trained["out"], trained["trainer"]
-    card = json.loads((out / "model.json").read_text())
-    assert card["model"] == "adaface_tiny" and card["layout"] == "lightning"
-    assert card["checkpoint"] == "model.ckpt"
+    card = read_card(out / "model.json")
+    assert card.model == "adaface_tiny" and card.layout == "lightning" and card.weights == "model.ckpt"
+    assert card.spec.input_size == (SIZE, SIZE) and card.overrides == {"input_size": SIZE}
+    assert card.training["step"] == STEPS and card.training["head"]["name"] == "adaface"
+    assert card.training["num_classes"] == TRAIN_IDS and card.training["config"]["image_size"] == SIZE
     raw = torch.load(out / "model.ckpt", weights_only=True)
     keys = raw["state_dict"].keys()
     assert all(k.startswith(("model.", "head.")) for k in keys) and "head.kernel" in keys
@@ -145,11 +151,12 @@ def test_official_adaface_checkpoint_round_trips_through_create(trained):
     x = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
     reference = trainer.backbone.eval()(x)
     trainer.backbone.train()
-    by_create = create(card["model"], checkpoint=out / card["checkpoint"], **card["overrides"])
-    by_card = load_trained_recognizer(out / "model.json")
+    by_create = create(card.model, checkpoint=out / card.weights, **card.overrides)
     torch.testing.assert_close(by_create(x), reference, rtol=0, atol=0)
-    torch.testing.assert_close(by_card(x), reference, rtol=0, atol=0)
-    assert by_card.spec.channels == "BGR"
+    for path in (out / "model.json", out / "model.ckpt"):
+        by_card = load_trained_recognizer(path)
+        torch.testing.assert_close(by_card(x), reference, rtol=0, atol=0)
+        assert by_card.spec.channels == "BGR" and by_card.spec.input_size == (SIZE, SIZE)
     # The head part loads into the AdaFace head as AdaFace's own code would read it.
     head = AdaFaceHead.from_checkpoint(out / "model.ckpt")
     torch.testing.assert_close(head.kernel, trainer.head.kernel.detach())
@@ -165,9 +172,9 @@ def test_iresnet_with_margin_heads_exports_plain_state_dict(sample_data, tmp_pat
     trainer = RecognizerTrainer(cfg, tmp_path, log=None)
     summary = trainer.fit()
     assert np.isfinite(summary["last_loss"])
-    card = json.loads((tmp_path / "model.json").read_text())
-    assert card["layout"] == "state_dict" and card["checkpoint"] == "model.pth"
-    assert card["head"]["name"] == head
+    card = read_card(tmp_path / "model.json")
+    assert card.layout == "state_dict" and card.weights == "model.pth" and summary["weights"].endswith("model.pth")
+    assert card.training["head"]["name"] == head
     sd = torch.load(tmp_path / "model.pth", weights_only=True)
     assert set(sd) == set(trainer.backbone.state_dict())          # arcface_torch backbone.pth keys
     model = create("iresnet_tiny", checkpoint=tmp_path / "model.pth", input_size=SIZE)
@@ -199,12 +206,63 @@ def test_log_csv_and_run_files(trained):
     lr = {int(r["step"]): float(r["lr"]) for r in train_rows}
     assert lr[60] == pytest.approx(0.1) and lr[70] == pytest.approx(0.01)
     assert all(float(r["img_per_s"]) > 0 for r in train_rows)
+    # accuracy: the nearest class centre (chance 1/20); it rises while the loss falls
+    acc = [float(r["accuracy"]) for r in train_rows]
+    assert acc[0] < 0.5 < acc[-1]
     run = json.loads((out / "config.json").read_text())
     assert RecognizerConfig.from_dict(run["config"]) == trained["cfg"]
     assert run["dataset"]["classes"] == TRAIN_IDS and run["dataset"]["images"] == TRAIN_IDS * PER_ID
     assert len((out / "classes.txt").read_text().splitlines()) == TRAIN_IDS
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["replicas_in_sync"]
+
+
+def test_max_steps_scales_the_schedule_and_sizes_are_checked(sample_data, tmp_path):
+    """A run cut to 40 of 80 steps by --max-steps puts its milestone (epoch 12 of 16) at step 30,
+    as the full run puts it at 60; an image size that is not a multiple of 16 is refused in one line."""
+    cfg = _config([sample_data / "train"], max_steps=40)
+    trainer = RecognizerTrainer(cfg, tmp_path / "short", log=None)
+    assert trainer.total_steps == STEPS and trainer.stop_step == 40
+    assert trainer.schedule(29) == 1.0 and trainer.schedule(30) == pytest.approx(0.1)
+    full = RecognizerTrainer(_config([sample_data / "train"]), tmp_path / "full", log=None)
+    assert full.schedule(59) == 1.0 and full.schedule(60) == pytest.approx(0.1)
+    with pytest.raises(RtkitError, match="multiple of 16"):
+        RecognizerTrainer(_config([sample_data / "train"], image_size=56), tmp_path / "bad", log=None)
+    res = CliRunner().invoke(__import__("rtkit.cli.train", fromlist=["main"]).main,
+                             ["recognizer", "--data", str(sample_data / "train"), "--out", str(tmp_path / "c"),
+                              "--image-size", "56", "--device", "cpu"])
+    assert res.exit_code == 1 and "multiple of 16" in res.output and "Traceback" not in res.output
+
+
+def test_truncated_jpeg_is_skipped_and_reported(sample_data, tmp_path):
+    """A truncated JPEG in a training folder is never trained on: the dataset serves the next
+    image (with that image's label) in its place, and rt-train names the file and lists it."""
+    from rtkit.cli.train import main
+
+    data = tmp_path / "data"
+    for i in (0, 1):
+        shutil.copytree(sample_data / "train" / str(i), data / str(i))
+    good = cv2.imread(str(data / "0" / "0.png"))
+    ok, jpg = cv2.imencode(".jpg", good)
+    bad = data / "0" / "00_truncated.jpg"        # sorts first in identity 0
+    bad.write_bytes(jpg.tobytes()[: len(jpg) // 2])
+    index = index_face_folders([data])
+    i_bad = [os.fsdecode(p) for p in index.paths].index(str(bad))
+    ds = FaceFolderDataset(index, input_size=(SIZE, SIZE))
+    img, label = ds[i_bad]
+    nxt, nxt_label = ds[i_bad + 1]
+    assert torch.equal(img, nxt) and label == nxt_label
+    assert str(bad) in ds.skipped.skipped()
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["recognizer", "--data", str(data), "--out", str(out), "--backbone", "adaface_tiny",
+                                    "--image-size", str(SIZE), "--batch-size", "8", "--max-steps", "2",
+                                    "--workers", "0", "--device", "cpu", "--no-progress", "--no-augment"])
+    assert res.exit_code == 0, res.output
+    assert f"skipping unreadable training image {bad}" in res.output and "truncated JPEG" in res.output
+    assert "skipped 1 unreadable image(s)" in res.output
+    assert (out / "skipped_images.txt").read_text().split("\t")[0] == str(bad)
+    assert json.loads((out / "summary.json").read_text())["skipped_images"] == [str(bad)]
 
 
 def test_ddp_with_two_cpu_processes(sample_data, tmp_path):
@@ -261,14 +319,20 @@ def test_datasets_combine_distinct_or_same_identities(tmp_path):
 
 
 def test_dataset_channel_order_range_and_keyed_augmentation(tmp_path):
+    """Frames are RGB; the backbone's spec decides its input (AdaFace: BGR, IResNet: RGB, [-1, 1])."""
     _write_faces(tmp_path / "d", [0], per=1)
     index = index_face_folders([tmp_path / "d"])
-    bgr, _ = FaceFolderDataset(index, input_size=(SIZE, SIZE), channels="BGR")[0]
-    rgb, label = FaceFolderDataset(index, input_size=(SIZE, SIZE), channels="RGB")[0]
-    assert bgr.dtype == torch.uint8 and bgr.shape == (3, SIZE, SIZE) and label == 0
-    assert bgr[:, 0, 0].tolist() == [10, 100, 200] and rgb[:, 0, 0].tolist() == [200, 100, 10]
+    rgb, label = FaceFolderDataset(index, input_size=(SIZE, SIZE))[0]
+    assert rgb.dtype == torch.uint8 and rgb.shape == (SIZE, SIZE, 3) and label == 0
+    assert rgb[0, 0].tolist() == [200, 100, 10]
+    batch = rgb[None]
+    ada = to_model_input(batch, trained_spec(create("adaface_tiny", pretrained=False), SIZE))
+    ir = to_model_input(batch, trained_spec(create("iresnet_tiny", pretrained=False), SIZE))
+    expected = [v / 127.5 - 1 for v in (10, 100, 200)]
+    assert ada.shape == (1, 3, SIZE, SIZE) and ada[0, :, 0, 0].tolist() == pytest.approx(expected)
+    assert ir[0, :, 0, 0].tolist() == pytest.approx(expected[::-1])
     resized, _ = FaceFolderDataset(index, input_size=(32, 32))[0]
-    assert resized.shape == (3, 32, 32)
+    assert resized.shape == (32, 32, 3)
 
     aug = FaceFolderDataset(index, input_size=(SIZE, SIZE), augment=AugmentConfig(crop_p=1, low_res_p=1, photometric_p=1),
                             seed=3)

@@ -26,23 +26,33 @@ import torch
 from torch import nn
 
 from rtkit.engines import create
+from rtkit.engines.card import read_card
 from rtkit.engines.errors import CheckpointError, RtkitError
+from rtkit.eval.quality import content_correlation, style_distance
+from rtkit.runtime.gpu_image import preprocess_batch, to_uint8_nhwc
 from rtkit.runtime.sources import decode_image, walk_files
-from rtkit.train.translator import (TranslatorConfig, UnpairedCrops, ImageDomain, content_correlation,
-                                    style_distance, train_translator)
+from rtkit.train.presets import PRESETS
+from rtkit.train.translator import TranslatorConfig, train_translator
+from rtkit.train.unpaired import ImageDomain, UnpairedCrops
 
 SAMPLE_SIZE = 64
 
 
-def _images(folder: Path) -> torch.Tensor:
-    files = walk_files(folder)[0]
-    arr = np.stack([decode_image(folder / f) for f in files]).astype(np.float32)
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
+def _images(folder: Path) -> np.ndarray:
+    """uint8 NHWC RGB frames of every image in ``folder``."""
+    return np.stack([decode_image(folder / f) for f in walk_files(folder)[0]])
+
+
+def _translate(model, frames: np.ndarray, **kw) -> np.ndarray:
+    """Frames through a translator module, by its spec (range, channel order), back to frames."""
+    with torch.no_grad():
+        y = model(preprocess_batch(torch.from_numpy(frames), model.spec), **kw)
+    return to_uint8_nhwc(y, model.spec).numpy()
 
 
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory):
-    from rtkit.runtime.sample import make_sample_dataset
+    from rtkit.datasets.sample import make_sample_dataset
 
     root = tmp_path_factory.mktemp("domains")
     make_sample_dataset(root / "render", style="render", identities=64, per_identity=1, size=SAMPLE_SIZE,
@@ -54,65 +64,31 @@ def domains(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_vgg_file(tmp_path_factory):
-    """vgg19_tiny weights with torchvision's key names: conv1_1/conv1_2 pass the colour channels
-    (+/-, offset by a bias of 1) and two luma edges through, deeper convs are He-random. A
-    stand-in for real VGG19 weights that sees colour (random features do not; see
-    test_random_features_are_explicit). The bias matters: with none, every feature scales with
-    the image around mid-grey and the cosine (LSH) hypervectors cannot see contrast, so VSAIT's
-    discriminator let the translation's contrast drift (the vsait recipe's gap ratio 1.36-1.84
-    over seeds 0-5 without it, 0.41-0.81 with it; real VGG19 has biases)."""
-    from rtkit.train.vsait_losses import FEATURE_NETS, _build_features
+    """The built-in vgg19_tiny_fixed weights saved with torchvision's key names (plus a
+    classifier, which torchvision files carry and the loader ignores)."""
+    from rtkit.train.vsait import build_feature_extractor
 
-    torch.manual_seed(0)
-    f = _build_features(FEATURE_NETS["vgg19_tiny"])
-    with torch.no_grad():
-        for m in f:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                m.bias.zero_()
-        w = torch.zeros_like(f[0].weight)
-        for c in range(3):
-            w[c, c, 1, 1], w[3 + c, c, 1, 1] = 1.0, -1.0
-        w[6, :, 1, 0], w[6, :, 1, 2] = -1 / 3, 1 / 3
-        w[7, :, 0, 1], w[7, :, 2, 1] = -1 / 3, 1 / 3
-        f[0].weight.copy_(w)
-        f[0].bias[:6] = 1.0
-        f[2].weight.copy_(torch.eye(8)[:, :, None, None] * torch.tensor([[0, 0, 0], [0, 1, 0], [0, 0, 0.]]))
-    state = {f"features.{k}": v for k, v in f.state_dict().items()}
-    state["classifier.0.weight"] = torch.zeros(2, 2)  # torchvision files carry a classifier: ignored
+    net = build_feature_extractor("vgg19_tiny_fixed")
+    state = {f"features.{k}": v for k, v in net.net.features.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)
     path = tmp_path_factory.mktemp("vgg") / "vgg19_tiny_torchvision_keys.pth"
     torch.save(state, path)
     return path
 
 
-# Tiny recipes: small nets, learning rates raised for a few dozen steps.
-# steps, save_every: checkpoints at save_every, 2*save_every and the end; keep=2 prunes the first.
-# VSAIT and DECENT train on whole 64 px images (crop 64, flips only): their generators' instance
-# norms then see the statistics of the images the gap is measured on. The previous recipes
-# (crops 48 and 32, 40 and 30 steps) passed 1 of 6 seeds each on these sets.
-# Gap ratio (after/before) over training seeds 0-5 with these recipes: VSAIT 0.63 0.60 0.41
-# 0.81 0.51 0.63 (seeds 6-11: 0.57 0.58 0.86 0.54 0.59 0.59), DECENT 0.55 0.52 0.46 0.63 0.51
-# 0.65 (seeds 6-11: 0.59 0.40 0.56 0.46 0.60 0.42). A GAN's gap wanders from step to step:
-# VSAIT's stays within about 0.4-1.0 from step 40 to 150. On 64 other faces per style (not
-# trained on), seeds 0-5: VSAIT 0.77 0.76 0.54 0.95 0.46 0.79, DECENT 0.47 0.39 0.45 0.60 0.47 0.75.
-RECIPES = {
-    "vsait": dict(generator="vsait_tiny", feature_net="vgg19_tiny", batch_size=4, crop_size=64, steps=60,
-                  save_every=29, options=dict(hv_dim=256, d_channels=(64, 64, 1), lr_g=2e-4, lr_d=1e-3,
-                                              vsa_weight=3.0)),
-    "decent": dict(generator="cut_tiny", batch_size=2, crop_size=64, steps=60, save_every=29,
-                   options=dict(ndf=8, n_layers_d=2, num_patches=64, lr=1e-3)),
-    # UNSB: lr 1e-3 and a one-layer D keep content and let the NCE head learn in 40 steps (at 2e-3
-    # the head's outputs collapse to one direction and NCE sits at chance, ln 64, for the whole run).
-    "unsb": dict(generator="unsb_tiny", batch_size=2, crop_size=32, steps=40, save_every=19,
-                 options=dict(ndf=8, n_layers_d=1, num_patches=64, netf_nc=32, lr=1e-3, lambda_nce=4.0)),
-}
+# The tiny presets (rtkit.train.presets) with short runs: learning rates are raised for a few dozen
+# steps. steps, save_every: checkpoints at save_every, 2*save_every and the end; keep=2 prunes the
+# first. VSAIT and DECENT train on whole 64 px images (crop 64, flips only): their generators'
+# instance norms then see the statistics of the images the gap is measured on.
+RUNS = {"vsait": dict(steps=60, save_every=29), "decent": dict(steps=60, save_every=29),
+        "unsb": dict(steps=40, save_every=19)}
+RECIPES = {m: dict(PRESETS["tiny"][m], **RUNS[m]) for m in RUNS}
 
 
-def _config(method, domains, vgg_file, **changes) -> TranslatorConfig:
+def _config(method, domains, **changes) -> TranslatorConfig:
     recipe = dict(RECIPES[method])
-    if method == "vsait":
-        recipe["feature_weights"] = str(vgg_file)
     recipe["sample_every"] = changes.get("steps", recipe["steps"])
+    recipe["val_every"] = recipe["save_every"]
     recipe.update(changes)
     src, tgt = domains
     return TranslatorConfig(method=method, source=str(src), target=str(tgt), workers=0, log_every=1,
@@ -120,13 +96,13 @@ def _config(method, domains, vgg_file, **changes) -> TranslatorConfig:
 
 
 @pytest.fixture(scope="module")
-def trained(domains, tiny_vgg_file, tmp_path_factory):
+def trained(domains, tmp_path_factory):
     runs = {}
 
     def get(method):
         if method not in runs:
             out = tmp_path_factory.mktemp(f"run_{method}")
-            summary = train_translator(_config(method, domains, tiny_vgg_file), out, log=None)
+            summary = train_translator(_config(method, domains), out, log=None)
             runs[method] = (out, summary)
         return runs[method]
 
@@ -146,11 +122,10 @@ def test_training_closes_style_gap_and_keeps_identity(method, trained, domains):
     name = RECIPES[method]["generator"]
     model = create(name, checkpoint=summary["weights"])
     src, tgt = _images(domains[0]), _images(domains[1])
-    with torch.no_grad():
-        translated = model(src)
+    translated = _translate(model, src)
     gap_before, gap_after = style_distance(src, tgt), style_distance(translated, tgt)
     corr = content_correlation(src, translated)
-    corr_other = content_correlation(src, translated.roll(1, 0))
+    corr_other = content_correlation(src, np.roll(translated, 1, axis=0))
     print(f"{method}: style gap {gap_before:.2f} -> {gap_after:.2f}; luma correlation "
           f"{corr.mean():.3f} (other image {corr_other.mean():.3f})")
     assert gap_after < 0.75 * gap_before
@@ -184,12 +159,10 @@ def test_unsb_trains_and_keeps_identity(trained, domains):
     assert all(np.isfinite(nce)) and np.mean(nce[-5:]) < chance - 0.2
     model = create("unsb_tiny", checkpoint=summary["weights"])
     src = _images(domains[0])
-    with torch.no_grad():
-        translated = model(src, seed=0)
-        again = model(src, seed=0)
-    assert torch.equal(translated, again)  # seeded sampler
+    translated = _translate(model, src, seed=0)
+    assert np.array_equal(translated, _translate(model, src, seed=0))  # seeded sampler
     corr = content_correlation(src, translated)
-    corr_other = content_correlation(src, translated.roll(1, 0))
+    corr_other = content_correlation(src, np.roll(translated, 1, axis=0))
     print(f"unsb: style gap {style_distance(src, _images(domains[1])):.2f} -> "
           f"{style_distance(translated, _images(domains[1])):.2f}; luma correlation {corr.mean():.3f} "
           f"(other image {corr_other.mean():.3f}); NCE {np.mean(nce[-5:]):.2f} (chance {chance:.2f})")
@@ -221,11 +194,19 @@ def test_run_folder_layout(method, trained):
     assert grid.shape == (crop, 4 * 2 * crop, 3)  # 4 (source | translation) pairs in a row
     rows = _log_rows(out)
     assert sorted(rows) == list(range(1, steps + 1))
-    assert rows[steps]["loss_G"] and rows[steps]["style_gap_translated"] and rows[steps]["lr_G"]
+    assert rows[steps]["loss_G"] and rows[steps]["val_style_gap"] and rows[steps]["lr_G"]
+    # the held-out gap at every val step; the best weights are the lowest gap with content kept
+    vals = {st: float(r["val_style_gap"]) for st, r in rows.items() if r.get("val_style_gap")}
+    assert sorted(vals) == [every, 2 * every, steps]
+    best = summary["best"]
+    if best:
+        kept = [st for st in vals if float(rows[st]["val_content_corr"]) >= 0.5]
+        assert best["step"] == min(kept, key=lambda st: vals[st])
+        assert read_card(summary["best_weights"]).training["step"] == best["step"]
 
 
 @pytest.mark.parametrize("method", ["vsait", "decent", "unsb"])
-def test_resume_repeats_uninterrupted_training(method, trained, domains, tiny_vgg_file, tmp_path):
+def test_resume_repeats_uninterrupted_training(method, trained, domains, tmp_path):
     out, summary = trained(method)
     steps, every = RECIPES[method]["steps"], RECIPES[method]["save_every"]
     resumed = tmp_path / "resumed"
@@ -233,17 +214,17 @@ def test_resume_repeats_uninterrupted_training(method, trained, domains, tiny_vg
     for p in (resumed / "checkpoints").glob(f"step_{steps:09d}.*"):
         p.unlink()  # as if the run had died after its checkpoint at 2 * every
     with pytest.raises(RtkitError, match="already has checkpoints"):
-        train_translator(_config(method, domains, tiny_vgg_file), resumed, log=None)
+        train_translator(_config(method, domains), resumed, log=None)
     with pytest.raises(RtkitError, match="cannot resume"):
-        train_translator(_config(method, domains, tiny_vgg_file, batch_size=3), resumed, resume="latest", log=None)
-    s2 = train_translator(_config(method, domains, tiny_vgg_file), resumed, resume="latest", log=None)
+        train_translator(_config(method, domains, batch_size=3), resumed, resume="latest", log=None)
+    s2 = train_translator(_config(method, domains), resumed, resume="latest", log=None)
     assert s2["start_step"] == 2 * every and s2["final_step"] == steps
     a, b = _log_rows(out), _log_rows(resumed)
     assert sorted(b) == list(range(1, steps + 1))
     for step in range(2 * every + 1, steps + 1):  # losses, learning rates, final sample metrics
         assert {k: v for k, v in a[step].items() if k != "img_per_s"} == \
                {k: v for k, v in b[step].items() if k != "img_per_s"}, step
-    assert a[steps]["loss_G"] and a[steps]["style_gap_translated"]
+    assert a[steps]["loss_G"] and a[steps]["val_style_gap"]
     sa = torch.load(summary["weights"], weights_only=True)
     sb = torch.load(s2["weights"], weights_only=True)
     sa, sb = sa.get("state_dict", sa), sb.get("state_dict", sb)
@@ -270,7 +251,6 @@ def test_vsait_checkpoint_is_lightning_layout(trained):
 @pytest.mark.parametrize("method", ["vsait", "decent", "unsb"])
 def test_exported_generator_converts_and_exports(method, trained, domains, tmp_path):
     from rtkit.export import to_onnx
-    from rtkit.engines.card import read_card
     from rtkit.runtime.converter import convert
 
     out, summary = trained(method)
@@ -299,9 +279,11 @@ def test_exported_generator_converts_and_exports(method, trained, domains, tmp_p
 def test_vgg_taps_follow_the_official_extractor(tiny_vgg_file):
     """Taps followed by a ReLU come out after it (torchvision's in-place ReLU rewrites them); the
     deepest tap stays pre-activation; torchvision key names load, a classifier is ignored."""
-    from rtkit.train.vsait_losses import build_feature_extractor
+    from rtkit.train.vsait import build_feature_extractor
 
     net = build_feature_extractor("vgg19_tiny", weights=tiny_vgg_file)
+    fixed = build_feature_extractor("vgg19_tiny_fixed")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), fixed.state_dict().values()))
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     feats = net(x)
     ref, h = {}, x
@@ -322,20 +304,39 @@ def test_vgg_taps_follow_the_official_extractor(tiny_vgg_file):
 
 
 def test_random_features_are_explicit(domains, tmp_path):
-    cfg = _config("vsait", domains, None, feature_weights=None, steps=1)
+    cfg = _config("vsait", domains, feature_net="vgg19_tiny", feature_weights=None, steps=1)
     with pytest.raises(RtkitError, match="--random-features"):
         train_translator(cfg, tmp_path / "a", log=None)
+    cfg = _config("vsait", domains, feature_net="vgg19_tiny_fixed", random_features=True, steps=1)
+    with pytest.raises(RtkitError, match="built-in weights"):
+        train_translator(cfg, tmp_path / "b", log=None)
+
+
+def test_fixed_tiny_features_are_deterministic_and_see_colour():
+    """vgg19_tiny_fixed is the same network in every process (no file, no RNG state), and its
+    first tap separates a colour shift that a random He-initialised first layer mixes."""
+    from rtkit.train.vsait import build_feature_extractor
+
+    a, b = build_feature_extractor("vgg19_tiny_fixed"), build_feature_extractor("vgg19_tiny_fixed")
+    torch.manual_seed(123)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    grey = torch.zeros(1, 3, 16, 16)
+    red = grey.clone()
+    red[:, 0] += 0.5
+    f_grey, f_red = a(grey)[0], a(red)[0]
+    assert torch.allclose(f_red[0, 0] - f_grey[0, 0], torch.full((16, 16), 0.5))   # red passes through
+    assert torch.equal(f_red[0, 1], f_grey[0, 1])                                   # green does not move
 
 
 def test_unsb_nce_layers_beyond_the_generator(domains, tmp_path):
     """unsb_tiny has layers 0..13: the default deepest NCE layer (16) is skipped, none left is an error."""
     opts = dict(RECIPES["unsb"]["options"], nce_layers=(14, 16))
     with pytest.raises(RtkitError, match="none of the NCE layers"):
-        train_translator(_config("unsb", domains, None, steps=1, options=opts), tmp_path / "u", log=None)
+        train_translator(_config("unsb", domains, steps=1, options=opts), tmp_path / "u", log=None)
 
 
 def test_lsh_is_cosine_of_concatenated_patches():
-    from rtkit.train.vsait_losses import LSHHypervectors
+    from rtkit.train.vsait import LSHHypervectors
 
     torch.manual_seed(0)
     lsh = LSHHypervectors([3, 5, 2], out_channels=7, kernel_sizes=[4, 2, 1], seed=3)
@@ -353,7 +354,7 @@ def test_lsh_is_cosine_of_concatenated_patches():
 
 
 def test_vsa_loss_and_mapping_net():
-    from rtkit.train.vsait_losses import MappingNet, vsa_loss
+    from rtkit.train.vsait import MappingNet, vsa_loss
 
     m = MappingNet(16)
     hv = torch.rand(2, 16, 3, 3) * 2 - 1
@@ -364,7 +365,7 @@ def test_vsa_loss_and_mapping_net():
 
 
 def test_bnaf_log_density_matches_autograd_jacobian():
-    from rtkit.train.decent_losses import BNAF
+    from rtkit.train.decent import BNAF
 
     torch.manual_seed(0)
     flow = BNAF(3, n_flows=2, n_layers=2, hidden_dim=4)
@@ -378,8 +379,8 @@ def test_bnaf_log_density_matches_autograd_jacobian():
 
 
 def test_density_change_and_patch_nce():
-    from rtkit.train.decent_losses import density_change_loss
-    from rtkit.train.unsb_losses import patch_nce_loss
+    from rtkit.train.decent import density_change_loss
+    from rtkit.train.unsb import patch_nce_loss
 
     lp = [torch.randn(2 * 16), torch.randn(2 * 16)]
     shifted = [v - 3.0 for v in lp]  # every patch loses the same density: no structure change
@@ -394,8 +395,8 @@ def test_unpaired_crops_are_seeded_and_independent(domains):
     kw = dict(batch_size=3, crop_size=32, seed=5)
     a, b = UnpairedCrops(src, tgt, **kw), UnpairedCrops(src, tgt, **kw)
     x = a[4]
-    assert x["source"].shape == (3, 3, 32, 32) and x["target"].shape == (3, 3, 32, 32)
-    assert x["source"].min() >= -1 and x["source"].max() <= 1
+    assert x["source"].shape == (3, 32, 32, 3) and x["target"].shape == (3, 32, 32, 3)
+    assert x["source"].dtype == torch.uint8    # frames; the trainer maps them by the generator's spec
     assert all(torch.equal(x[k], b[4][k]) for k in x)
     assert not torch.equal(x["source"], a[5]["source"])
     assert not torch.equal(x["source"], UnpairedCrops(src, tgt, rank=1, world_size=2, **kw)[4]["source"])
@@ -426,6 +427,13 @@ def test_cli_translator(domains, tmp_path):
     r = CliRunner().invoke(main, args + ["--method", "decent", "--out", str(tmp_path / "e"), "--generator", "cut_tiny",
                                          "--method-opt", "no_such=1"])
     assert r.exit_code == 1 and "unknown decent option" in r.output
+    # a preset fills what the command line leaves out; what it states wins
+    r = CliRunner().invoke(main, args + ["--method", "decent", "--out", str(tmp_path / "p"), "--preset", "tiny",
+                                         "--method-opt", "num_patches=16"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["preset"] == "tiny" and cfg["generator"] == "cut_tiny" and cfg["options"]["ndf"] == 8
+    assert cfg["steps"] == 2 and cfg["crop_size"] == 32 and cfg["options"]["num_patches"] == 16
 
 
 def _ddp_worker(rank, world, port, cfg_dict, out):
@@ -434,7 +442,8 @@ def _ddp_worker(rank, world, port, cfg_dict, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from rtkit.train.translator import TranslatorConfig, TranslatorTrainer, init_distributed
+    from rtkit.train.distributed import init_distributed
+    from rtkit.train.translator import TranslatorConfig, TranslatorTrainer
 
     ctx = init_distributed("cpu")
     trainer = TranslatorTrainer(TranslatorConfig.from_dict(cfg_dict), out, ctx=ctx, log=None)
@@ -444,7 +453,7 @@ def _ddp_worker(rank, world, port, cfg_dict, out):
 
 
 @pytest.mark.slow
-def test_two_process_training_stays_in_sync(domains, tiny_vgg_file, tmp_path):
+def test_two_process_training_stays_in_sync(domains, tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -452,7 +461,7 @@ def test_two_process_training_stays_in_sync(domains, tiny_vgg_file, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = _config("decent", domains, tiny_vgg_file, steps=3, save_every=0, sample_every=0)
+    cfg = _config("decent", domains, steps=3, save_every=0, sample_every=0)
     mp.spawn(_ddp_worker, args=(2, port, cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=True)
     b = torch.load(tmp_path / "rank1.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""Generic training checkpoints: atomic writes, RNG state capture, numbered checkpoint folders.
+"""Generic training checkpoints: atomic writes, seeding and RNG state capture, numbered checkpoint folders.
 
 A training checkpoint is one ``torch.save`` of plain containers and tensors (model, head,
 optimiser, scheduler and scaler state_dicts, RNG states, counters), so it loads with
@@ -69,6 +69,13 @@ def load_training_state(path: str | Path) -> dict:
 
 
 # -- RNG state ----------------------------------------------------------------------------------
+
+def seed_everything(seed: int):
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
 
 def capture_rng_state() -> dict:
     """Python, NumPy and torch (CPU and every initialised CUDA device) generator states."""
@@ -164,8 +171,6 @@ class CheckpointDir:
                 p.unlink(missing_ok=True)
 
 
-__all__ = ["atomic_torch_save", "write_json_atomic", "load_training_state", "capture_rng_state",
-           "restore_rng_state", "CheckpointDir"]
 
 
 def resolve_resume(ckpts: "CheckpointDir", out_dir: Path, resume) -> Path | None:
@@ -190,3 +195,7 @@ def resolve_resume(ckpts: "CheckpointDir", out_dir: Path, resume) -> Path | None
     if not path.is_file():
         raise RtkitError(f"checkpoint to resume not found: {path}")
     return path
+
+
+__all__ = ["atomic_torch_save", "write_json_atomic", "load_training_state", "seed_everything",
+           "capture_rng_state", "restore_rng_state", "CheckpointDir", "resolve_resume"]

@@ -8,9 +8,11 @@ extension the runtime reads). Several roots are combined into one label space:
 - with ``same_identities=True`` folders of the same name are the same class in every root
   (an original dataset and its translated copy: ``digiface/17`` and ``digiface_vsait/17``).
 
-Images are decoded with OpenCV in DataLoader workers and returned as uint8 CHW tensors in the
-backbone's channel order; ``to_model_range`` maps a batch to [-1, 1] on the device (cheaper
-than sending floats between processes).
+Images are decoded in DataLoader workers by the runtime's validating decoder (a truncated or
+corrupt file is skipped, reported and replaced by the next image; train/images.py) and returned
+as uint8 HWC RGB frames; the trainer maps a batch to the backbone's input on the device with
+``rtkit.train.images.to_model_input`` (the spec's value range and channel order; cheaper than
+sending floats between processes).
 
 Augmentation follows the AdaFace training recipe, each step with its own probability (0.2
 each in the paper), in this order, then a horizontal flip (p 0.5):
@@ -41,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from rtkit.engines.errors import RtkitError
 from rtkit.runtime.sources import IMAGE_EXTENSIONS
+from rtkit.train.images import DecodeError, SkipReport, read_image
 
 
 # -- scanning ---------------------------------------------------------------------------------
@@ -159,13 +162,13 @@ def random_crop_box(h: int, w: int, rng: np.random.Generator, scale=(0.2, 1.0),
     return 0, 0, h, w
 
 
-def _grey(img: np.ndarray, channels: str) -> np.ndarray:
-    r, g, b = (img[..., 0], img[..., 1], img[..., 2]) if channels == "RGB" else (img[..., 2], img[..., 1], img[..., 0])
-    return 0.299 * r + 0.587 * g + 0.114 * b
+def _grey(img: np.ndarray) -> np.ndarray:
+    """Luma of an RGB image (ITU-R 601 weights)."""
+    return 0.299 * img[..., 0] + 0.587 * img[..., 1] + 0.114 * img[..., 2]
 
 
-def photometric(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, channels: str) -> np.ndarray:
-    """Brightness, contrast and saturation jitter in a random order (uint8 in, uint8 out)."""
+def photometric(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """Brightness, contrast and saturation jitter of an RGB image in a random order (uint8 in, uint8 out)."""
     x = img.astype(np.float32)
     factors = {
         "brightness": rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness),
@@ -177,16 +180,15 @@ def photometric(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig, c
         if op == "brightness":
             x = x * f
         elif op == "contrast":
-            x = x * f + (1 - f) * np.float32(_grey(x, channels).mean())
+            x = x * f + (1 - f) * np.float32(_grey(x).mean())
         else:
-            x = x * f + (1 - f) * _grey(x, channels)[..., None]
+            x = x * f + (1 - f) * _grey(x)[..., None]
         np.clip(x, 0, 255, out=x)
     return (x + 0.5).astype(np.uint8)
 
 
-def augment_face(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
-                 channels: str = "BGR") -> np.ndarray:
-    """One AdaFace-style augmentation of an HxWx3 uint8 image (crop, low-res, photometric, flip)."""
+def augment_face(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    """One AdaFace-style augmentation of an HxWx3 uint8 RGB image (crop, low-res, photometric, flip)."""
     h, w = img.shape[:2]
     if cfg.crop_p > 0 and rng.random() < cfg.crop_p:
         top, left, bh, bw = random_crop_box(h, w, rng, cfg.crop_scale, cfg.crop_ratio)
@@ -200,7 +202,7 @@ def augment_face(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
         up = _INTERPOLATIONS[rng.integers(len(_INTERPOLATIONS))]
         img = cv2.resize(cv2.resize(img, (sw, sh), interpolation=down), (w, h), interpolation=up)
     if cfg.photometric_p > 0 and rng.random() < cfg.photometric_p:
-        img = photometric(img, rng, cfg, channels)
+        img = photometric(img, rng, cfg)
     if cfg.flip_p > 0 and rng.random() < cfg.flip_p:
         img = img[:, ::-1]
     return img
@@ -209,23 +211,21 @@ def augment_face(img: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
 # -- dataset and sampler ------------------------------------------------------------------------
 
 class FaceFolderDataset(Dataset):
-    """Decoded, augmented training images: ``dataset[key] -> (uint8 CHW tensor, label)``.
+    """Decoded, augmented training images: ``dataset[key] -> (uint8 HWC RGB tensor, label)``.
 
     ``key`` is an index, or ``(index, epoch)`` as ``EpochSampler`` yields it; the augmentation
-    draws come from ``numpy.random.default_rng((seed, epoch, index))``.
-    ``channels`` is the backbone's input order ("BGR" for AdaFace, "RGB" for IResNet);
-    ``augment=None`` turns augmentation off.
+    draws come from ``numpy.random.default_rng((seed, epoch, index))``. ``augment=None`` turns
+    augmentation off. A file that does not decode is recorded in ``skipped`` and the next
+    index (with its own label) takes its place, so it is never trained on.
     """
 
-    def __init__(self, index: FaceIndex, *, input_size: tuple[int, int] = (112, 112), channels: str = "BGR",
-                 augment: AugmentConfig | None = None, seed: int = 0):
-        if channels not in ("RGB", "BGR"):
-            raise ValueError(f"channels must be RGB or BGR, got {channels!r}")
+    def __init__(self, index: FaceIndex, *, input_size: tuple[int, int] = (112, 112),
+                 augment: AugmentConfig | None = None, seed: int = 0, skipped: SkipReport | None = None):
         self.index = index
         self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.channels = channels
         self.augment = augment
         self.seed = int(seed)
+        self.skipped = skipped or SkipReport()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -237,29 +237,32 @@ class FaceFolderDataset(Dataset):
     def path(self, i: int) -> str:
         return os.fsdecode(self.index.paths[i])
 
-    def load(self, i: int) -> np.ndarray:
-        """HxWx3 uint8 in the dataset's channel order at ``input_size``, not augmented."""
-        path = self.path(i)
-        img = cv2.imread(path, cv2.IMREAD_COLOR)     # BGR
-        if img is None:
-            raise RtkitError(f"cannot decode training image {path}")
-        h, w = self.input_size
-        if img.shape[:2] != (h, w):
-            shrink = img.shape[0] > h
-            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        if self.channels == "RGB":
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        return img
+    def load(self, i: int) -> tuple[np.ndarray, int]:
+        """(HxWx3 uint8 RGB at ``input_size``, not augmented; its label): image ``i``, or the next
+        decodable one when ``i`` is unreadable."""
+        n = len(self)
+        for attempt in range(n):
+            j = (i + attempt) % n
+            try:
+                img = read_image(self.path(j))
+            except DecodeError as e:
+                self.skipped.record(self.path(j), str(e))
+                continue
+            h, w = self.input_size
+            if img.shape[:2] != (h, w):
+                shrink = img.shape[0] > h
+                img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+            return img, int(self.index.labels[j])
+        raise RtkitError(f"no training image of {', '.join(self.index.roots)} decodes")
 
     def __getitem__(self, key):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         i = int(i)
-        img = self.load(i)
+        img, label = self.load(i)
         if self.augment is not None:
             rng = np.random.default_rng((self.seed, int(epoch), i))
-            img = augment_face(img, rng, self.augment, self.channels)
-        chw = np.ascontiguousarray(img.transpose(2, 0, 1))
-        return torch.from_numpy(chw), int(self.index.labels[i])
+            img = augment_face(img, rng, self.augment)
+        return torch.from_numpy(np.ascontiguousarray(img)), label
 
 
 class EpochSampler(DistributedSampler):
@@ -311,14 +314,5 @@ def make_loader(dataset: Dataset, sampler: EpochSampler, batch_size: int, *, wor
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(0), **kwargs)
 
 
-def to_model_range(batch: torch.Tensor, device: torch.device | None = None,
-                   non_blocking: bool = True) -> torch.Tensor:
-    """uint8 NCHW -> float32 in [-1, 1] on ``device`` (``x / 127.5 - 1`` = ``(x / 255 - 0.5) / 0.5``)."""
-    if device is not None:
-        batch = batch.to(device, non_blocking=non_blocking)
-    return batch.float().div_(127.5).sub_(1.0)
-
-
 __all__ = ["scan_face_folder", "FaceIndex", "index_face_folders", "AugmentConfig", "random_crop_box",
-           "photometric", "augment_face", "FaceFolderDataset", "EpochSampler", "make_loader",
-           "to_model_range"]
+           "photometric", "augment_face", "FaceFolderDataset", "EpochSampler", "make_loader"]

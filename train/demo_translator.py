@@ -5,6 +5,9 @@ aligned and the translator can be trained with a plain L1 loss on random crops. 
 documented recipe that reproduces engines/bundled/render2photo.*:
 
     rt-train demo-translator --out engines/bundled
+
+It writes render2photo.safetensors, render2photo.onnx and their engine card render2photo.json
+(with a training block: config, steps, data), so either file reopens by its path.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ def train_demo_translator(out_dir: str | Path, cfg: DemoTranslatorConfig | None 
     """Train render2photo, write render2photo.safetensors/.onnx/.json into ``out_dir``."""
     from safetensors.torch import save_file
 
+    from rtkit.engines.card import read_card, write_card
     from rtkit.export import to_onnx
 
     cfg = cfg or DemoTranslatorConfig()
@@ -96,6 +100,14 @@ def train_demo_translator(out_dir: str | Path, cfg: DemoTranslatorConfig | None 
               metadata={"config": str(asdict(cfg))})
     onnx_path = to_onnx(create("render2photo", checkpoint=weights), out_dir / "render2photo.onnx",
                         checkpoint=weights)
+    # render2photo.json is the card of both files (same stem): the export wrote it for the ONNX
+    # engine; the training block records how the weights were made.
+    card = read_card(onnx_path)
+    card.training = {"trainer": "rtkit.train.demo_translator", "config": asdict(cfg), "step": cfg.steps,
+                     "data": {"sample_world_seed": cfg.data_seed, "pairs": len(src),
+                              "heldout_pairs": len(hsrc), "size": 112},
+                     "metrics": {"heldout_gap_before": before, "heldout_gap_after": after}}
+    write_card(onnx_path, card)
     report = {"params": num_params(model), "heldout_gap_before": before, "heldout_gap_after": after,
               "seconds": time.perf_counter() - t0, "weights": str(weights), "onnx": str(onnx_path)}
     log(f"held-out render->photo gap (mean abs, 0-255): {before:.2f} as rendered, "

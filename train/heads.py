@@ -46,7 +46,9 @@ def split_norm(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MarginHead(nn.Module):
-    """Common interface: ``forward(embeddings, norms, labels) -> scaled logits``."""
+    """Common interface: ``forward(embeddings, norms, labels) -> scaled logits``, which is
+    ``margin_logits(cosine(embeddings), norms, labels)``: the trainer keeps the margin-free
+    cosines (its accuracy: the nearest class centre) without computing them twice."""
 
     name: str = ""
     uses_norms: bool = False
@@ -58,6 +60,18 @@ class MarginHead(nn.Module):
 
     def _hyper(self) -> dict:
         raise NotImplementedError
+
+    def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, classes) cosines between the embeddings and every class centre, float32."""
+        raise NotImplementedError
+
+    def margin_logits(self, cosine: torch.Tensor, norms: torch.Tensor | None,
+                      labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, embeddings: torch.Tensor, norms: torch.Tensor | None,
+                labels: torch.Tensor) -> torch.Tensor:
+        return self.margin_logits(self.cosine(embeddings), norms, labels)
 
     def config(self) -> dict:
         """Everything ``build_head(**config)`` needs to rebuild this head (weights aside)."""
@@ -129,9 +143,8 @@ class AdaFaceHead(MarginHead):
         z = (norms - self.batch_mean) / (self.batch_std + self.eps)
         return torch.clip(z * self.h, -1.0, 1.0)
 
-    def forward(self, embeddings: torch.Tensor, norms: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        cosine = self.cosine(embeddings)
+    def margin_logits(self, cosine: torch.Tensor, norms: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
         safe_norms = torch.clip(norms.float(), min=0.001, max=100).detach().reshape(-1, 1)
         self._update_norm_stats(safe_norms)
         z_hat = self.margin_scaler(safe_norms)
@@ -233,9 +246,9 @@ class CombinedMarginHead(MarginHead):
         cos = F.linear(F.normalize(embeddings), F.normalize(self.weight))
         return cos.float().clamp(-1, 1)
 
-    def forward(self, embeddings: torch.Tensor, norms: torch.Tensor | None,
-                labels: torch.Tensor) -> torch.Tensor:
-        return combined_margin(self.cosine(embeddings), labels, self.s, self.m1, self.m2, self.m3,
+    def margin_logits(self, cosine: torch.Tensor, norms: torch.Tensor | None,
+                      labels: torch.Tensor) -> torch.Tensor:
+        return combined_margin(cosine, labels, self.s, self.m1, self.m2, self.m3,
                                self.interclass_filtering_threshold)
 
 

@@ -1,4 +1,5 @@
-"""Training metrics to a CSV file (always) and TensorBoard (when the package is installed).
+"""Training metrics to a CSV file (always) and TensorBoard (when the package is installed), and
+the images-per-second meter the logs report.
 
 ``MetricLogger(out_dir).log(step, loss=..., lr=...)`` appends one CSV row. Columns are the
 union of every key logged so far (``step`` first); a key seen for the first time rewrites the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from pathlib import Path
 
 
@@ -102,4 +104,35 @@ def _tensorboard_writer(folder: Path):
     return SummaryWriter(log_dir=str(folder))
 
 
-__all__ = ["MetricLogger"]
+class RateMeter:
+    """Images per second between calls to ``rate()`` (synchronising CUDA for honest numbers)."""
+
+    def __init__(self, device=None):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self._sync()
+        self.t0 = time.perf_counter()
+        self.images = 0
+
+    def add(self, images: int):
+        self.images += images
+
+    def _sync(self):
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def rate(self, reset: bool = True) -> float:
+        self._sync()
+        dt = time.perf_counter() - self.t0
+        value = self.images / dt if dt > 0 else 0.0
+        if reset:
+            self.t0 = time.perf_counter()
+            self.images = 0
+        return value
+
+
+__all__ = ["MetricLogger", "RateMeter"]

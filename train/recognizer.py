@@ -22,44 +22,52 @@ Output folder:
 - ``config.json``: the run (this config, dataset summary); ``classes.txt``: label -> identity;
 - ``checkpoints/step_XXXXXXXXX.pt``: full training state (backbone, head, optimiser,
   scheduler, grad scaler, RNG states of every rank, step) for exact resume, written every
-  epoch and every ``save_every_steps``; beside it ``.json`` (the model card below) and the
-  backbone in its official format (``.pth`` plain state_dict for IResNet, ``.ckpt`` Lightning
-  ``{'state_dict': {'model.*', 'head.*'}}`` for AdaFace);
-- ``model.json`` + ``model.pth|.ckpt``: the final model, the same pair;
-- ``log.csv`` (and ``tensorboard/`` if installed): loss, accuracy, lr, img/s, verification.
+  epoch and every ``save_every_steps``; beside it the backbone in its official format
+  (``.pth`` plain state_dict for IResNet, ``.ckpt`` Lightning ``{'state_dict': {'model.*',
+  'head.*'}}`` for AdaFace) and its engine card (``.json``);
+- ``model.pth|.ckpt`` + ``model.json``: the final backbone and its engine card;
+- ``log.csv`` (and ``tensorboard/`` if installed): loss, accuracy (argmax of the margin-free
+  cosines: the class the embedding is nearest to), lr, img/s, verification;
+- ``skipped_images.txt``: training files that did not decode (never trained on), if any.
 
-A model card (``*.json``) names the registered model and its overrides, so
-``load_trained_recognizer(card)`` or ``rtkit.engines.create(card['model'],
-checkpoint=..., **card['overrides'])`` rebuilds the network without this module.
+The engine card (rtkit.engines.card; ``weights`` names the file, ``layout`` its layout, the spec
+has the trained input size, ``training`` holds the config, step, epoch, head and class count)
+lets ``rtkit.runtime.open_engine("runs/r/model.ckpt")``, ``rt-eval verify --engine
+runs/r/model.ckpt`` and ``rt-export`` open the backbone by its path, and
+``load_trained_recognizer(path)`` rebuild it as a torch module (older ``rtkit-recognizer-v1``
+model cards load too).
+
+``max_steps`` shortens the run and its schedule with it: milestones, warm-up and the poly decay
+fall at the same fractions of the steps trained as they would of ``epochs`` (a 30-epoch schedule
+is not left hanging over a 1000-step run).
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtkit.engines.errors import RtkitError
-from rtkit.train.checkpointing import (CheckpointDir, capture_rng_state, load_training_state,
-                                       resolve_resume, restore_rng_state, write_json_atomic)
-from rtkit.train.data import (AugmentConfig, EpochSampler, FaceFolderDataset, index_face_folders,
-                              make_loader, to_model_range)
+from rtkit.engines.spec import ModelSpec
+from rtkit.train.checkpointing import (CheckpointDir, atomic_torch_save, capture_rng_state,
+                                       load_training_state, resolve_resume, restore_rng_state,
+                                       seed_everything, write_json_atomic)
+from rtkit.train.data import AugmentConfig, EpochSampler, FaceFolderDataset, index_face_folders, make_loader
+from rtkit.train.distributed import DistContext, init_distributed
 from rtkit.train.heads import MarginHead, build_head, split_norm
-from rtkit.train.logging import MetricLogger
-from rtkit.train.loop import (DistContext, RateMeter, StepSchedule, autocast, decay_parameter_groups,
-                              init_distributed, make_grad_scaler, resolve_precision, seed_everything)
+from rtkit.train.images import SKIPPED_NAME, SkipReport, to_model_input
+from rtkit.train.logging import MetricLogger, RateMeter
+from rtkit.train.optim import StepSchedule, decay_parameter_groups
+from rtkit.train.precision import autocast, make_grad_scaler, resolve_precision
 
 STATE_FORMAT = "rtkit-recognizer-train-v1"
-CARD_FORMAT = "rtkit-recognizer-v1"
 
 
 # -- configuration --------------------------------------------------------------------------------
@@ -96,7 +104,7 @@ class RecognizerConfig:
     channels_last: bool = True                          # on CUDA only
     seed: int = 0
     device: str = "auto"
-    max_steps: int | None = None                        # stop early (the schedule still spans `epochs`)
+    max_steps: int | None = None                        # stop early; the schedule is scaled to the shorter run
     # checkpoints, logs, verification
     save_every_steps: int = 0                           # 0: at the end of every epoch only
     keep_checkpoints: int = 3                           # 0 keeps all
@@ -127,6 +135,14 @@ class RecognizerConfig:
         if "milestones" in d:
             d["milestones"] = tuple(d["milestones"])
         return cls(**d)
+
+    def check(self):
+        """One-line errors for settings the backbones cannot take."""
+        if self.image_size < 16 or self.image_size % 16:
+            raise RtkitError(f"image size must be a multiple of 16 (the IR backbones halve it four times), "
+                             f"got {self.image_size}; e.g. {max(16, 16 * round(self.image_size / 16))}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise RtkitError(f"batch size and epochs must be >= 1 (got {self.batch_size}, {self.epochs})")
 
     def model_overrides(self) -> dict:
         """Builder overrides of the backbone, with the input size when it is not 112."""
@@ -160,9 +176,13 @@ class MarginModel(nn.Module):
             return self.backbone(images, return_norm=True)
         return split_norm(self.backbone(images))
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaled margin logits for the loss, the nearest class centre of each embedding)."""
         unit, norms = self.embed(images)
-        return self.head(unit, norms if self.head.uses_norms else None, labels)
+        cosine = self.head.cosine(unit)
+        nearest = cosine.detach().argmax(1)   # before the margin: combined heads edit cosines in place
+        logits = self.head.margin_logits(cosine, norms if self.head.uses_norms else None, labels)
+        return logits, nearest
 
 
 # -- official-format export and model cards -------------------------------------------------------
@@ -185,134 +205,80 @@ def official_backbone_file(backbone: nn.Module, head: nn.Module, *, epoch: int =
     return cpu(backbone.state_dict()), ".pth", "state_dict"
 
 
-def _versions() -> dict:
-    try:
-        from importlib.metadata import version
-        rt = version("rtkit")
-    except Exception:  # not installed as a distribution (a source checkout)
-        rt = "unknown"
-    return {"rtkit": rt, "torch": torch.__version__}
+def trained_spec(backbone: nn.Module, image_size: int) -> ModelSpec:
+    """The backbone's spec at the size it is trained at (what the runtime must feed it)."""
+    return dataclasses.replace(backbone.spec, input_size=(int(image_size), int(image_size)))
 
 
-def model_card(cfg: RecognizerConfig, backbone: nn.Module, head: MarginHead, checkpoint_name: str,
-               layout: str, *, step: int, epoch: float, num_classes: int) -> dict:
-    """What rebuilds the trained backbone without the training code (JSON-ready)."""
-    spec = getattr(backbone, "spec", None)
-    return {
-        "format": CARD_FORMAT,
-        "model": cfg.backbone,
-        "overrides": cfg.model_overrides(),
-        "checkpoint": checkpoint_name,
-        "layout": layout,
-        "spec": dataclasses.asdict(spec) if spec is not None else None,
-        "head": head.config(),
-        "num_classes": num_classes,
-        "step": step,
-        "epoch": epoch,
-        "train_config": cfg.to_dict(),
-        "built_with": _versions(),
-    }
+def recognizer_card(cfg: RecognizerConfig, backbone: nn.Module, head: MarginHead, weights: Path | None,
+                    layout: str | None, *, step: int, epoch: float, num_classes: int):
+    """The engine card of a trained backbone: registry name, overrides, spec at the trained size,
+    the weights file and layout, and the training block (config, step, epoch, head, classes)."""
+    from rtkit.engines.card import card_for_module
+    from rtkit.engines.checkpoint import file_sha256
+
+    card = card_for_module(backbone, checkpoint_sha256=file_sha256(weights) if weights is not None else None,
+                           weights=weights.name if weights is not None else None, layout=layout,
+                           training={"config": cfg.to_dict(), "step": step, "epoch": epoch,
+                                     "head": head.config(), "num_classes": num_classes},
+                           trainer="rtkit.train.recognizer")
+    card.spec = trained_spec(backbone, cfg.image_size)
+    return card
 
 
-def load_trained_recognizer(card_path: str | Path) -> nn.Module:
-    """Rebuild a trained backbone from its model card (``model.json`` or ``step_*.json``)."""
+def load_trained_recognizer(path: str | Path) -> nn.Module:
+    """Rebuild a trained backbone from its card or weights file (``model.json``/``model.ckpt``,
+    ``checkpoints/step_*.json``); reads the engine card and older recognizer model cards."""
     from rtkit.engines import create
+    from rtkit.engines.card import card_path, read_card
 
-    card_path = Path(card_path)
-    if not card_path.is_file():
-        raise RtkitError(f"model card not found: {card_path}")
-    card = json.loads(card_path.read_text())
-    if card.get("format") != CARD_FORMAT:
-        raise RtkitError(f"{card_path} is not an rtkit recognizer model card (format {card.get('format')!r})")
-    return create(card["model"], checkpoint=card_path.parent / card["checkpoint"], **card["overrides"])
+    path = Path(path)
+    if not path.is_file():
+        raise RtkitError(f"trained recognizer not found: {path}")
+    card = read_card(path)
+    if card.task != "embed":
+        raise RtkitError(f"{path} is a {card.task} model ({card.model}), not a recognizer")
+    weights = path if path.suffix != ".json" else card_path(path).parent / (card.weights or "")
+    if path.suffix == ".json" and not card.weights:
+        raise RtkitError(f"{path} names no weights file")
+    model = create(card.model, checkpoint=weights, **card.overrides)
+    model.spec = card.spec   # the spec at the trained input size
+    return model
 
 
 # -- verification ---------------------------------------------------------------------------------
 
-def _fold_accuracy_fallback(embeddings: np.ndarray, issame: np.ndarray, n_folds: int = 10) -> tuple[float, float]:
-    """10-fold best-threshold accuracy on squared L2 distance of unit embeddings (pairs adjacent);
-    used only when rtkit.eval is not available."""
-    dist = np.sum((embeddings[0::2] - embeddings[1::2]) ** 2, 1)
-    thresholds = np.arange(0, 4, 0.01)
-    correct = (dist[None, :] < thresholds[:, None]) == issame[None, :]
-    folds = np.array_split(np.arange(issame.size), n_folds)
-    accs = []
-    for f in folds:
-        train = np.setdiff1d(np.arange(issame.size), f)
-        best = int(np.argmax(correct[:, train].sum(1)))
-        accs.append(correct[best, f].mean())
-    return float(np.mean(accs)), float(np.std(accs))
-
-
-def verification_accuracy(views: np.ndarray, issame: Sequence[bool]) -> tuple[float, float]:
-    """Accuracy (mean, std over 10 folds) of (views, 2N, D) embeddings of pair images.
-
-    The views (image, flipped image) are summed and L2-normalised; rtkit.eval's insightface
-    protocol is used when present.
-    """
-    issame = np.asarray(issame, dtype=bool)
-    try:
-        from rtkit.eval.verification import fold_accuracy, fuse_flip
-    except ImportError:
-        emb = np.asarray(views, np.float64).sum(0)
-        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-        return _fold_accuracy_fallback(emb, issame)
-    res = fold_accuracy(fuse_flip(views), issame)
-    return res.accuracy, res.std
-
-
-@torch.no_grad()
-def embed_faces(backbone: nn.Module, images_rgb: Sequence[np.ndarray], *, device: torch.device,
-                dtype: torch.dtype | None = None, batch_size: int = 256, flip: bool = True) -> np.ndarray:
-    """(views, N, D) float32 embeddings of HxWx3 uint8 RGB faces (already at the input size),
-    in the backbone's channel order (from its spec); views are the image and its flip."""
-    bgr = getattr(getattr(backbone, "spec", None), "channels", "RGB") == "BGR"
-    was_training = backbone.training
-    backbone.eval()
-    outs = [[] for _ in range(2 if flip else 1)]
-    try:
-        for i in range(0, len(images_rgb), batch_size):
-            chunk = np.stack(images_rgb[i:i + batch_size])
-            if bgr:
-                chunk = chunk[..., ::-1]
-            x = to_model_range(torch.from_numpy(np.ascontiguousarray(chunk.transpose(0, 3, 1, 2))), device)
-            for v, view in enumerate([x, x.flip(3)] if flip else [x]):
-                with autocast(device, dtype):
-                    emb = backbone(view)
-                emb = emb[0] if isinstance(emb, tuple) else emb
-                outs[v].append(emb.float().cpu().numpy())
-    finally:
-        backbone.train(was_training)
-    return np.stack([np.concatenate(o) for o in outs])
-
-
 class BinVerifier:
-    """Verification on insightface .bin files with the model being trained (main rank only)."""
+    """Verification on insightface .bin files with the model being trained (main rank only),
+    through rtkit.eval's embedding (image + flip, the model's input contract) and accuracy."""
 
     def __init__(self, paths: Sequence[str | Path], image_size: int):
-        from rtkit.eval.verification import benchmark_name, load_bin  # needs rtkit.eval
+        from rtkit.eval.verification import load_bin
 
-        self.sets = [(benchmark_name(p), load_bin(p)) for p in paths]
+        self.sets = [load_bin(p) for p in paths]
         self.image_size = image_size
 
-    def _decode(self, data: bytes) -> np.ndarray:
-        import cv2
-
-        from rtkit.eval.verification import decode_image
-        img = decode_image(data)
-        if img.shape[:2] != (self.image_size, self.image_size):
-            img = cv2.resize(img, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
-        return img
-
     def __call__(self, backbone: nn.Module, device: torch.device, dtype, batch_size: int) -> dict[str, float]:
+        """Accuracy (and std over folds) per benchmark. Runs in fp32: the runner casts the module
+        to its precision, which must not touch the weights being trained."""
+        from rtkit.engines.card import card_for_module
+        from rtkit.eval.embed import Embedder
+        from rtkit.eval.verification import embed_bin, fold_accuracy, fuse_flip
+        from rtkit.runtime.runners import TorchRunner
+
+        card = card_for_module(backbone)
+        card.spec = trained_spec(backbone, self.image_size)
+        was_training = backbone.training
         results = {}
-        for name, vset in self.sets:
-            with ThreadPoolExecutor(8) as pool:
-                images = list(pool.map(self._decode, vset.images))
-            views = embed_faces(backbone, images, device=device, dtype=dtype, batch_size=batch_size)
-            acc, std = verification_accuracy(views, vset.issame)
-            results[f"val_{name}"] = acc
-            results[f"val_{name}_std"] = std
+        try:
+            runner = TorchRunner(backbone, device=str(device), card=card, checkpoint_sha256="training")
+            embedder = Embedder(runner, batch_size=batch_size, cache_dir=False, progress=False)
+            for vset in self.sets:
+                res = fold_accuracy(fuse_flip(embed_bin(embedder, vset)), vset.issame)
+                results[f"val_{vset.name}"] = res.accuracy
+                results[f"val_{vset.name}_std"] = res.std
+        finally:
+            backbone.train(was_training)
         return results
 
 
@@ -337,8 +303,7 @@ class RecognizerTrainer:
         self.on_step = on_step
         self._log_fn = log
         dev = self.ctx.device
-        if cfg.batch_size < 1 or cfg.epochs < 1:
-            raise RtkitError(f"batch size and epochs must be >= 1 (got {cfg.batch_size}, {cfg.epochs})")
+        cfg.check()
 
         self.ckpts = CheckpointDir(self.out_dir / "checkpoints", keep=cfg.keep_checkpoints)
         resume_path = self._resume_path(resume)
@@ -352,11 +317,14 @@ class RecognizerTrainer:
         spec = backbone.spec
         if spec.task != "embed":
             raise RtkitError(f"{cfg.backbone} is a {spec.task} model, not a recognizer backbone")
-        self.spec = spec
+        self.spec = trained_spec(backbone, cfg.image_size)
 
+        self.skipped = SkipReport(self.out_dir / SKIPPED_NAME)
+        if resume_path is None and self.ctx.is_main:
+            self.skipped.reset()
         self.index = index_face_folders(cfg.data, cfg.same_identities)
         self.dataset = FaceFolderDataset(self.index, input_size=(cfg.image_size, cfg.image_size),
-                                         channels=spec.channels, augment=cfg.augment, seed=cfg.seed)
+                                         augment=cfg.augment, seed=cfg.seed, skipped=self.skipped)
         self.sampler = EpochSampler(self.dataset, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
                                     seed=cfg.seed)
         self.steps_per_epoch = self.sampler.num_samples // cfg.batch_size
@@ -367,6 +335,8 @@ class RecognizerTrainer:
                                   pin_memory=dev.type == "cuda")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.stop_step = min(self.total_steps, cfg.max_steps) if cfg.max_steps else self.total_steps
+        # the schedule spans the steps trained: a shortened run compresses its epochs
+        self.schedule_epoch = self.stop_step / cfg.epochs
 
         head = build_head(cfg.head, spec.output_dim, self.index.num_classes, **cfg.head_kwargs)
         self.model = MarginModel(backbone, head).to(dev)
@@ -377,9 +347,9 @@ class RecognizerTrainer:
 
         self.optimizer = torch.optim.SGD(decay_parameter_groups([backbone, head], cfg.weight_decay),
                                          lr=cfg.lr, momentum=cfg.momentum)
-        self.schedule = StepSchedule(cfg.scheduler, self.steps_per_epoch, self.total_steps,
+        self.schedule = StepSchedule(cfg.scheduler, self.schedule_epoch, self.stop_step,
                                      milestones=tuple(cfg.milestones), gamma=cfg.gamma,
-                                     warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
+                                     warmup_steps=int(round(cfg.warmup_epochs * self.schedule_epoch)),
                                      power=cfg.poly_power)
         # A closure, not the schedule object: LambdaLR would save the object's fields and a
         # resumed run would then ignore a changed config.
@@ -411,7 +381,9 @@ class RecognizerTrainer:
         summary = {"images": len(self.index), "classes": self.index.num_classes, "roots": self.index.roots,
                    "steps_per_epoch": self.steps_per_epoch, "world_size": self.ctx.world_size,
                    "global_batch": self.cfg.batch_size * self.ctx.world_size}
-        write_json_atomic({"config": self.cfg.to_dict(), "dataset": summary, "built_with": _versions()},
+        from rtkit.engines.card import build_info
+
+        write_json_atomic({"config": self.cfg.to_dict(), "dataset": summary, "built_with": build_info()},
                           self.out_dir / "config.json")
         lines = [f"{label}\t{name}" for label, name in enumerate(self.index.class_names)]
         (self.out_dir / "classes.txt").write_text("\n".join(lines) + "\n")
@@ -436,10 +408,10 @@ class RecognizerTrainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimiser step on a uint8 NCHW batch; returns device tensors (no sync)."""
         dev = self.ctx.device
-        x = to_model_range(images, dev).contiguous(memory_format=self.memory_format)
+        x = to_model_input(images, self.spec, dev, channels_last=self.memory_format == torch.channels_last)
         y = labels.to(dev, non_blocking=True)
         with autocast(dev, self.dtype):
-            logits = self.ddp(x, y)
+            logits, nearest = self.ddp(x, y)
         loss = F.cross_entropy(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         self.last_lr = self.optimizer.param_groups[0]["lr"]     # the rate this step uses
@@ -450,7 +422,9 @@ class RecognizerTrainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        correct = (logits.detach().argmax(1) == y).sum()
+        # accuracy of the nearest class centre: the margin lowers the target logit on purpose,
+        # so an argmax of the margin logits stays near 0 while the network learns
+        correct = (nearest == y).sum()
         return {"loss": loss.detach(), "correct": correct, "count": torch.tensor(y.numel(), device=dev)}
 
     # -- checkpoints
@@ -476,12 +450,10 @@ class RecognizerTrainer:
         if self.ctx.is_main:
             state = self.state_dict()
             state["rng"] = rng
-            obj, suffix, layout = official_backbone_file(self.backbone, self.head, epoch=int(self.epoch),
-                                                         step=self.step)
-            name = self.ckpts.stem(self.step) + suffix
-            card = model_card(self.cfg, self.backbone, self.head, name, layout, step=self.step,
-                              epoch=self.epoch, num_classes=self.index.num_classes)
-            path = self.ckpts.save(self.step, state, companions={".json": card, suffix: obj})
+            # the official-format backbone and its card first, the state last: a state file is
+            # present only when its companions are complete
+            self.write_weights(self.ckpts.path(self.step, ""))
+            path = self.ckpts.save(self.step, state)
         self.ctx.barrier()
         return path
 
@@ -513,17 +485,21 @@ class RecognizerTrainer:
             seed_everything(self.cfg.seed + 1_000_003 * self.ctx.rank + self.step)
         self._log(f"resumed from {path} at step {self.step} (epoch {self.epoch:.2f})")
 
+    def write_weights(self, stem: Path) -> Path:
+        """The backbone in its official format at ``stem`` + suffix, and its engine card beside it."""
+        from rtkit.engines.card import write_card
+
+        obj, suffix, layout = official_backbone_file(self.backbone, self.head, epoch=int(self.epoch), step=self.step)
+        weights = atomic_torch_save(obj, stem.with_name(stem.name + suffix))
+        write_card(weights, recognizer_card(self.cfg, self.backbone, self.head, weights, layout, step=self.step,
+                                            epoch=self.epoch, num_classes=self.index.num_classes))
+        return weights
+
     def export_final(self) -> Path | None:
-        """Write ``model.json`` and the official-format backbone file into the output folder."""
+        """Write ``model.pth|.ckpt`` (official format) and its card ``model.json`` into the output folder."""
         if not self.ctx.is_main:
             return None
-        obj, suffix, layout = official_backbone_file(self.backbone, self.head, epoch=int(self.epoch), step=self.step)
-        weights = self.out_dir / f"model{suffix}"
-        from rtkit.train.checkpointing import atomic_torch_save
-        atomic_torch_save(obj, weights)
-        card = model_card(self.cfg, self.backbone, self.head, weights.name, layout, step=self.step,
-                          epoch=self.epoch, num_classes=self.index.num_classes)
-        return write_json_atomic(card, self.out_dir / "model.json")
+        return self.write_weights(self.out_dir / "model")
 
     # -- verification
     def validate(self) -> dict[str, float]:
@@ -544,9 +520,12 @@ class RecognizerTrainer:
         return all(s == sums[0] for s in sums)
 
     # -- the loop
-    def fit(self) -> dict:
+    def fit(self, until: int | None = None) -> dict:
+        """Train to the end of the run, or to step ``until`` (its schedule unchanged; a checkpoint
+        is written there and the final model only at the end of the run)."""
         cfg, ctx = self.cfg, self.ctx
         dev = ctx.device
+        stop = min(self.stop_step, until) if until is not None else self.stop_step
         self._log(f"training {cfg.backbone} + {cfg.head} head on {len(self.index)} images of "
                   f"{self.index.num_classes} identities; {self.steps_per_epoch} steps/epoch x "
                   f"{cfg.epochs} epochs, batch {cfg.batch_size} x {ctx.world_size} process(es) on {dev}, "
@@ -564,7 +543,7 @@ class RecognizerTrainer:
         global_batch = cfg.batch_size * ctx.world_size
         wait_s = 0.0
         try:
-            while self.step < self.stop_step:
+            while self.step < stop:
                 epoch, within = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch)
                 self.sampler.set_start(within * cfg.batch_size)
@@ -580,7 +559,7 @@ class RecognizerTrainer:
                     if self.on_step is not None:
                         self.on_step(self.step, m)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
-                    finished = self.step >= self.stop_step
+                    finished = self.step >= stop
                     if self.step % cfg.log_every_steps == 0 or end_of_epoch or finished:
                         totals = ctx.all_reduce_sum(sums.clone()).tolist()
                         loss = totals[0] / max(totals[2], 1)
@@ -618,15 +597,20 @@ class RecognizerTrainer:
             self.logger.close()
         if last_saved != self.step:
             self.save_checkpoint()
-        self.export_final()
+        weights = self.export_final() if self.step >= self.stop_step else None
         in_sync = self.replicas_in_sync() if ctx.distributed else True
         if not in_sync:
             raise RuntimeError("DDP replicas diverged: parameters differ between ranks")
         summary = {"steps": self.step, "epochs": self.epoch, "first_loss": first_loss, "last_loss": last_loss,
                    "img_per_s": run_meter.rate(), "world_size": ctx.world_size, "replicas_in_sync": in_sync,
                    "checkpoint": str(self.ckpts.latest()), "model_card": str(self.out_dir / "model.json"),
-                   **val_results}
+                   "weights": str(weights) if weights is not None else None, **val_results}
         if ctx.is_main:
+            skipped = self.skipped.skipped()
+            summary["skipped_images"] = sorted(skipped)
+            if skipped:
+                self._log(f"skipped {len(skipped)} unreadable image(s), never trained on: listed in "
+                          f"{self.out_dir / SKIPPED_NAME}")
             write_json_atomic(summary, self.out_dir / "summary.json")
         return summary
 
@@ -650,4 +634,4 @@ def train_recognizer(cfg: RecognizerConfig, out_dir: str | Path, *, resume: str 
 
 
 __all__ = ["RecognizerConfig", "MarginModel", "RecognizerTrainer", "train_recognizer", "official_backbone_file",
-           "model_card", "load_trained_recognizer", "verification_accuracy", "embed_faces", "BinVerifier"]
+           "trained_spec", "recognizer_card", "load_trained_recognizer", "BinVerifier"]

@@ -1,5 +1,6 @@
-"""DECENT training pieces (Xie, Ho & Zhang, NeurIPS 2022): density-changing regularisation with
-block neural autoregressive flows (BNAF) on encoder patches, LSGAN, identity loss, PatchGAN.
+"""DECENT (Xie, Ho & Zhang, NeurIPS 2022) training: the method (``DecentMethod``, registered as
+"decent") and its pieces: density-changing regularisation with block neural autoregressive flows
+(BNAF) on encoder patches, identity loss, PatchGAN (LSGAN and patch sampling: train/cut_family.py).
 
 The generator is CUT's ResnetGenerator (rtkit.engines.cut). Per step:
 
@@ -23,6 +24,7 @@ min(256, H*W).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -30,26 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtkit.engines.cut import BlurDownsample
-
-
-# -- patches --------------------------------------------------------------------------------------
-
-def sample_patches(feat: torch.Tensor, num_patches: int, patch_ids: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N*P, C) feature vectors at P positions shared by the batch, and the positions.
-
-    ``num_patches`` <= 0 keeps every position. New positions come from torch's global CPU
-    generator (the training loop seeds it per step, so runs and resumes are reproducible).
-    """
-    n, c, h, w = feat.shape
-    flat = feat.permute(0, 2, 3, 1).reshape(n, h * w, c)
-    if patch_ids is None:
-        if num_patches > 0:
-            patch_ids = torch.randperm(h * w)[: min(num_patches, h * w)]
-        else:
-            patch_ids = torch.arange(h * w)
-    patch_ids = patch_ids.to(feat.device)
-    return flat[:, patch_ids, :].reshape(-1, c), patch_ids
+from rtkit.engines.errors import RtkitError
+from rtkit.train.cut_family import CUTFamilyMethod, CUTFamilyOptions, init_xavier, lsgan_loss, sample_patches
+from rtkit.train.translator_method import register_method, requires_grad
 
 
 # -- BNAF ------------------------------------------------------------------------------------------
@@ -252,13 +237,7 @@ class PolyakAverage:
             a.copy_(s)
 
 
-# -- GAN -------------------------------------------------------------------------------------------
-
-def lsgan_loss(prediction: torch.Tensor, target_is_real: bool) -> torch.Tensor:
-    """Least-squares GAN: mean((D(x) - label)^2), label 1 for real, 0 for fake."""
-    p = prediction.float()
-    return F.mse_loss(p, torch.full_like(p, 1.0 if target_is_real else 0.0))
-
+# -- GAN pieces -------------------------------------------------------------------------------------------
 
 def identity_loss(idt: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 between G(target) and target."""
@@ -292,16 +271,88 @@ class PatchGANDiscriminator(nn.Module):
         return self.model(x)
 
 
-def init_xavier(module: nn.Module, gain: float = 0.02) -> nn.Module:
-    """CUT-family default init: Xavier-normal conv/linear weights, zero biases."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_normal_(m.weight, gain=gain)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    return module
+# -- the method -----------------------------------------------------------------------------------
+
+@dataclass
+class DecentOptions(CUTFamilyOptions):
+    lambda_gan: float = 1.0
+    lambda_idt: float = 10.0
+    lambda_var: float = 0.01
+    var_layers: tuple = (0, 4, 8, 12, 16)
+    var_all: bool = False            # one variance over the batch instead of per image
+    flow_blocks: int = 1
+    bnaf_layers: int = 0
+    bnaf_dim: int = 10
+    flow_lr: float = 1e-3
+    flow_ema: float = 0.998
+    flow_clip: float = 0.1
 
 
-__all__ = ["sample_patches", "MaskedWeight", "BNAF", "PatchDensityEstimator", "flow_nll",
-           "density_change_loss", "PolyakAverage", "lsgan_loss", "identity_loss",
-           "PatchGANDiscriminator", "init_xavier"]
+@register_method("decent")
+class DecentMethod(CUTFamilyMethod):
+    """DECENT: per step, flows (ML), then D (LSGAN), then G with the averaged flows."""
+
+    Options = DecentOptions
+    default_generator = "decent"
+
+    def __init__(self, cfg, opts: DecentOptions, ctx, dtype):
+        super().__init__(cfg, opts, ctx, dtype)
+        self.generator = self.build_generator()
+        self.layers = list(opts.var_layers)
+        _, feats = self.probe(lambda x: self.generator(x, layers=self.layers))
+        widths = [f.shape[1] for f in feats]
+        if not widths:
+            raise RtkitError(f"DECENT needs at least one var layer, got {tuple(opts.var_layers)}")
+        self.flow_a = PatchDensityEstimator(widths, opts.flow_blocks, opts.bnaf_layers, opts.bnaf_dim).to(self.device)
+        self.flow_b = PatchDensityEstimator(widths, opts.flow_blocks, opts.bnaf_layers, opts.bnaf_dim).to(self.device)
+        self.discriminator = PatchGANDiscriminator(3, opts.ndf, opts.n_layers_d).to(self.device)
+        self.nets = {"G": self.generator, "D": self.discriminator, "F_A": self.flow_a, "F_B": self.flow_b}
+        flow_params = list(self.flow_a.parameters()) + list(self.flow_b.parameters())
+        self.flow_average = PolyakAverage(flow_params, opts.flow_ema)
+        self.set_optimizers({"G": self.generator.parameters(), "D": self.discriminator.parameters()},
+                            extra={"F": torch.optim.Adam(flow_params, lr=opts.flow_lr, amsgrad=True)})
+
+    def train_step(self, batch):
+        real_a, real_b = batch["source"], batch["target"]
+        G, D, o = self.generator, self.discriminator, self.opts
+        n = real_a.shape[0]
+        with self.autocast():
+            fake_b, feats_a = G(real_a, layers=self.layers)
+            idt_b, feats_b = G(real_b, layers=self.layers)
+        # flows: maximum likelihood on detached patches of each domain
+        lp_a, _, _ = self.flow_a(feats_a, o.num_patches, detach=True)
+        lp_b, _, _ = self.flow_b(feats_b, o.num_patches, detach=True)
+        loss_f = flow_nll(lp_a, lp_b)
+        self.update("F", loss_f, clip=[(self.flow_a.parameters(), o.flow_clip),
+                                       (self.flow_b.parameters(), o.flow_clip)])
+        self.flow_average.update()
+        loss_d = self.discriminator_step(D, fake_b, real_b)
+        # generator, reading the averaged flows
+        self.flow_average.swap()
+        requires_grad([D, self.flow_a, self.flow_b], False)
+        try:
+            with self.autocast():
+                loss_gan = lsgan_loss(D(fake_b), True)
+                loss_idt = identity_loss(idt_b, real_b)
+                feats_fake = G(fake_b, layers=self.layers, encode_only=True)
+            with torch.no_grad():
+                lp_src, widths, ids = self.flow_a(feats_a, o.num_patches, detach=True)
+            lp_fake, _, _ = self.flow_b(feats_fake, o.num_patches, ids)
+            loss_var = density_change_loss(lp_src, lp_fake, widths, n, across_batch=o.var_all)
+            loss_g = o.lambda_gan * loss_gan + o.lambda_idt * loss_idt + o.lambda_var * loss_var
+            self.update("G", loss_g)
+        finally:
+            requires_grad([D, self.flow_a, self.flow_b], True)
+            self.flow_average.swap()
+        return {"loss_G": loss_g.detach(), "G_GAN": loss_gan.detach(), "idt": loss_idt.detach(),
+                "var": loss_var.detach(), "loss_D": loss_d.detach(), "nll_F": loss_f.detach()}
+
+    def extra_state(self) -> dict:
+        return {"flow_average": self.flow_average.state_dict()}
+
+    def load_extra_state(self, state: dict):
+        self.flow_average.load_state_dict(state["flow_average"])
+
+
+__all__ = ["MaskedWeight", "BNAF", "PatchDensityEstimator", "flow_nll", "density_change_loss", "PolyakAverage",
+           "identity_loss", "PatchGANDiscriminator", "DecentOptions", "DecentMethod"]

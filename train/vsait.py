@@ -1,5 +1,10 @@
-"""VSAIT training pieces (Theiss et al., ECCV 2022): VGG19 features, LSH hypervectors, VSA loss,
-mapping network and hypervector discriminator.
+"""VSAIT (Theiss et al., ECCV 2022) training: the method (``VSAITMethod``, registered as "vsait")
+and its pieces: VGG19 features, LSH hypervectors, VSA loss, mapping network and hypervector
+discriminator.
+
+Per step, G then D (Lightning's order): G (with the mapping net) on the hinge GAN and VSA loss,
+then D on the translation of the updated G, hinge loss on hypervectors. The generator is saved
+as a Lightning checkpoint (``step=N.ckpt``, ``last.ckpt``) with the official key names.
 
 VSAIT compares images in a hyperspace instead of pixel space:
 
@@ -34,10 +39,16 @@ Official layout, reproduced so the checkpoint keys match (``model.`` + these nam
 Weights: VGG19 comes from a local file with torchvision's key names (``features.N.weight``;
 e.g. torchvision's ``vgg19-dcbb9e9d.pth``, any extra ``classifier.*`` keys are ignored). There
 is no download and no torchvision dependency. ``vgg19_tiny`` is the same layer list at 1/8
-width, for tests (random weights only).
+width; ``vgg19_tiny_fixed`` is that layout with DETERMINISTIC built-in weights, usable without a
+file: conv1_1 passes each colour channel (+ and -, offset by a bias of 1) and two luma edges,
+conv1_2 passes them on, deeper convs are He-normal from a fixed seed. It sees colour and
+contrast (random features do not, and a bias-free first layer makes every feature scale with the
+image around mid-grey, which the cosine hypervectors cannot see), so tiny CPU runs close the
+style gap with it; it is a stand-in, not VGG19 and not the published recipe.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -47,6 +58,7 @@ from torch import nn
 
 from rtkit.engines.checkpoint import load_state_dict_strict, read_checkpoint
 from rtkit.engines.errors import CheckpointError, RtkitError
+from rtkit.train.translator_method import TranslatorMethod, cpu_state, register_method, requires_grad
 
 # torchvision's VGG19 ("E") layer list: ints are 3x3 conv widths (each followed by ReLU),
 # "M" a 2x2 max-pool. Index N in ``features`` follows from this list.
@@ -56,6 +68,8 @@ FEATURE_NETS = {
     "vgg19": VGG19_LAYOUT,
     "vgg19_tiny": tuple(v if v == "M" else max(4, v // 8) for v in VGG19_LAYOUT),
 }
+FEATURE_NETS["vgg19_tiny_fixed"] = FEATURE_NETS["vgg19_tiny"]   # built-in weights (see above)
+BUILTIN_FEATURES = {"vgg19_tiny_fixed": "builtin:vgg19_tiny_fixed-v1"}
 DEFAULT_TAPS = (2, 7, 12, 21, 30)
 DEFAULT_LSH_KERNELS = (16, 8, 4, 2, 1)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,7 +78,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # -- VGG19 features -------------------------------------------------------------------------------
 
-def _build_features(layout: Sequence, in_channels: int = 3) -> nn.Sequential:
+def build_vgg_layers(layout: Sequence, in_channels: int = 3) -> nn.Sequential:
+    """torchvision's ``features`` Sequential for a VGG layer list (conv3x3 + ReLU, "M" max-pool)."""
     layers: list[nn.Module] = []
     ch = in_channels
     for v in layout:
@@ -82,7 +97,7 @@ class _VGGTrunk(nn.Module):
 
     def __init__(self, layout: Sequence, last: int):
         super().__init__()
-        full = _build_features(layout)
+        full = build_vgg_layers(layout)
         if not 0 <= last < len(full):
             raise RtkitError(f"feature taps must be in 0..{len(full) - 1}, got {last}")
         self.features = full[: last + 1]
@@ -147,24 +162,60 @@ def build_feature_extractor(name: str = "vgg19", *, weights: str | Path | None =
     """The frozen feature network; weights from ``weights`` (torchvision key names).
 
     Without a file, ``random_features=True`` must say so explicitly: random features still
-    train (the LSH geometry holds) but are not the published recipe.
+    train (the LSH geometry holds) but are not the published recipe. ``vgg19_tiny_fixed`` has
+    built-in deterministic weights and takes neither.
     """
     if name not in FEATURE_NETS:
         raise RtkitError(f"unknown feature network {name!r}; choose from {', '.join(FEATURE_NETS)}")
     net = VGGFeatures(FEATURE_NETS[name], taps=taps, normalize=normalize)
-    if weights is not None:
+    if name in BUILTIN_FEATURES:
+        if weights is not None or random_features:
+            raise RtkitError(f"{name} has built-in weights; --features and --random-features apply to "
+                             f"vgg19 and vgg19_tiny")
+        fixed_tiny_features_(net.net.features)
+    elif weights is not None:
         load_vgg_weights(net, weights)
     elif random_features:
-        # He-normal so every tap, not just the first, carries signal through 16 random layers
-        for m in net.net.features:
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        he_normal_(net.net.features, torch.Generator().manual_seed(0))
     else:
         raise RtkitError(f"VSAIT needs {name} weights: pass a local file with torchvision's key names "
-                         f"(e.g. vgg19-dcbb9e9d.pth) as --features, or --random-features to train on "
-                         f"randomly initialised features")
+                         f"(e.g. vgg19-dcbb9e9d.pth) as --features, --feature-net vgg19_tiny_fixed for "
+                         f"built-in stand-in features, or --random-features to train on randomly "
+                         f"initialised features")
     return net
+
+
+def he_normal_(features: nn.Sequential, generator: torch.Generator):
+    """He-normal conv weights (so every tap, not just the first, carries signal through 16
+    random layers) and zero biases, drawn from ``generator``."""
+    with torch.no_grad():
+        for m in features:
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
+                m.bias.zero_()
+
+
+def fixed_tiny_features_(features: nn.Sequential):
+    """The deterministic ``vgg19_tiny_fixed`` weights (module docstring): He-normal from seed 0,
+    then conv1_1 = +/- each colour channel with bias 1 and two luma edges, conv1_2 = identity."""
+    he_normal_(features, torch.Generator().manual_seed(0))
+    first, second = features[0], features[2]
+    if first.out_channels < 8 or second.out_channels < 8 or second.in_channels != first.out_channels:
+        raise RtkitError("the fixed tiny features need 8 channels in conv1_1 and conv1_2")
+    with torch.no_grad():
+        w = torch.zeros_like(first.weight)
+        for c in range(3):
+            w[c, c, 1, 1], w[3 + c, c, 1, 1] = 1.0, -1.0
+        w[6, :, 1, 0], w[6, :, 1, 2] = -1 / 3, 1 / 3      # horizontal luma gradient
+        w[7, :, 0, 1], w[7, :, 2, 1] = -1 / 3, 1 / 3      # vertical luma gradient
+        first.weight.copy_(w)
+        first.bias[:6] = 1.0
+        centre = torch.zeros(3, 3)
+        centre[1, 1] = 1.0
+        eye = torch.zeros_like(second.weight)
+        eye[:8, :8] = torch.eye(8)[:, :, None, None] * centre
+        second.weight.copy_(eye)
 
 
 def load_vgg_weights(net: VGGFeatures, path: str | Path) -> None:
@@ -348,7 +399,128 @@ def hinge_discriminator_loss(real: Sequence[torch.Tensor], fake: Sequence[torch.
     return sum(terms) / len(terms)
 
 
-__all__ = ["VGG19_LAYOUT", "FEATURE_NETS", "DEFAULT_TAPS", "DEFAULT_LSH_KERNELS", "VGGFeatures",
-           "build_feature_extractor", "load_vgg_weights", "LSHProjection", "LSHHypervectors",
-           "Hyperspace", "MappingNet", "HypervectorDiscriminator", "vsa_loss", "hinge_generator_loss",
-           "hinge_discriminator_loss"]
+
+
+# -- the method -----------------------------------------------------------------------------------
+
+@dataclass
+class VSAITOptions:
+    hv_dim: int = 4096                               # LSH hypervector size
+    lsh_kernels: tuple = (16, 8, 4, 2, 1)            # kernel = stride per feature tap
+    taps: tuple = (2, 7, 12, 21, 30)                 # VGG19 features.N
+    lsh_seed: int = 0                                # the random projections are drawn from this
+    feature_normalize: str = "none"                  # "none" (official) or "imagenet"
+    d_channels: tuple = (1024, 1024, 1)
+    map_hidden: int = 0                              # mapping-net hidden width; 0: hv_dim
+    vsa_weight: float = 10.0
+    gan_weight: float = 1.0
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step: int = 100_000                           # StepLR period in steps
+    lr_gamma: float = 0.5
+
+
+@register_method("vsait")
+class VSAITMethod(TranslatorMethod):
+    """VSAIT: G then D each step (Lightning's order), hinge GAN on hypervectors, VSA loss.
+
+    The G optimiser holds the generator and the mapping net (the official prefix
+    ``model.g_net`` matches both); D's step sees the translation of the updated generator.
+    """
+
+    Options = VSAITOptions
+    default_generator = "vsait"
+    step_file = "step={step}.ckpt"
+    latest_file = "last.ckpt"
+    best_file = "best.ckpt"
+    layout = "lightning"
+
+    def __init__(self, cfg, opts: VSAITOptions, ctx, dtype):
+        super().__init__(cfg, opts, ctx, dtype)
+        from rtkit.engines.checkpoint import file_sha256
+
+        self.generator = self.build_generator()
+        features = build_feature_extractor(cfg.feature_net, weights=cfg.feature_weights,
+                                           random_features=cfg.random_features, taps=opts.taps,
+                                           normalize=opts.feature_normalize)
+        self.hyperspace = Hyperspace(features, opts.hv_dim, opts.lsh_kernels, seed=opts.lsh_seed).to(self.device)
+        # Frozen and rebuilt on resume (LSH from lsh_seed, VGG from its file): check it is the same file.
+        self.features_id = (BUILTIN_FEATURES.get(cfg.feature_net)
+                            or (file_sha256(cfg.feature_weights) if cfg.feature_weights else "random"))
+        self.map_net = MappingNet(opts.hv_dim, opts.map_hidden or None).to(self.device)
+        self.discriminator = HypervectorDiscriminator(opts.hv_dim, opts.d_channels).to(self.device)
+        self.nets = {"g_net": self.generator, "g_net_map": self.map_net, "d_net": self.discriminator}
+        betas = (opts.beta1, opts.beta2)
+        self.optimizers = {
+            "G": torch.optim.Adam(list(self.generator.parameters()) + list(self.map_net.parameters()),
+                                  lr=opts.lr_g, betas=betas, weight_decay=opts.weight_decay),
+            "D": torch.optim.Adam(self.discriminator.parameters(), lr=opts.lr_d, betas=betas,
+                                  weight_decay=opts.weight_decay),
+        }
+        self.schedulers = {k: torch.optim.lr_scheduler.StepLR(o, step_size=opts.lr_step, gamma=opts.lr_gamma)
+                           for k, o in self.optimizers.items()}
+        self.finish_setup()
+
+    def train_step(self, batch):
+        src, tgt = batch["source"], batch["target"]
+        G, D, M, hv = self.generator, self.discriminator, self.map_net, self.hyperspace
+        o = self.opts
+        with torch.no_grad(), self.autocast():
+            hv_src = hv(src)
+        # generator + mapping net
+        requires_grad([D], False)
+        with self.autocast():
+            fake = G(src)
+            hv_fake = hv(fake)
+            src_to_tgt = M(hv_src)
+            loss_vsa = vsa_loss(hv_fake, hv_src, src_to_tgt)
+            loss_adv = hinge_generator_loss([D(hv_fake), D(hv_src * src_to_tgt)])
+            loss_g = o.vsa_weight * loss_vsa + o.gan_weight * loss_adv
+        self.update("G", loss_g)
+        requires_grad([D], True)
+        # discriminator: translation of the updated G and the bound source are fakes
+        with torch.no_grad(), self.autocast():
+            hv_fake = hv(G(src))
+            bound = hv_src * M(hv_src)
+            hv_tgt = hv(tgt)
+        with self.autocast():
+            loss_d = hinge_discriminator_loss([D(hv_tgt)], [D(hv_fake), D(bound)])
+        self.update("D", loss_d)
+        return {"loss_G": loss_g.detach(), "vsa": loss_vsa.detach(), "adv": loss_adv.detach(),
+                "loss_D": loss_d.detach()}
+
+    def extra_state(self) -> dict:
+        return {"features_sha256": self.features_id}
+
+    def load_extra_state(self, state: dict):
+        saved = state.get("features_sha256")
+        if saved is not None and saved != self.features_id:
+            raise RtkitError(f"the checkpoint was trained with other VGG features ({saved[:32]}, now "
+                             f"{self.features_id[:32]}); resume with the same --features / --feature-net")
+
+    def weights_object(self, step: int):
+        """The official Lightning layout: G, D, mapping net, LSH and VGG under ``model.*``."""
+        import json
+
+        from rtkit.engines.vsait import lightning_checkpoint
+
+        ckpt = lightning_checkpoint(self.generator, global_step=int(step),
+                                    hyper_parameters={"rtkit_translator": json.loads(json.dumps(
+                                        self.cfg.to_dict(), default=str))})
+        sd = ckpt["state_dict"]
+        for prefix, module in (("model.d_net.", self.discriminator), ("model.g_net_map.", self.map_net),
+                               ("model.lsh_feat.", self.hyperspace.lsh_feat),
+                               ("model.feature_extractor.", self.hyperspace.feature_extractor)):
+            sd.update({prefix + k: v for k, v in module.state_dict().items()})
+        ckpt["state_dict"] = cpu_state(sd)
+        return ckpt
+
+
+__all__ = ["VGG19_LAYOUT", "FEATURE_NETS", "BUILTIN_FEATURES", "DEFAULT_TAPS", "DEFAULT_LSH_KERNELS",
+           "VGGFeatures", "build_vgg_layers", "build_feature_extractor", "he_normal_", "fixed_tiny_features_",
+           "load_vgg_weights", "LSHProjection", "LSHHypervectors", "Hyperspace", "MappingNet",
+           "HypervectorDiscriminator", "vsa_loss", "hinge_generator_loss", "hinge_discriminator_loss",
+           "VSAITOptions", "VSAITMethod"]

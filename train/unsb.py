@@ -1,5 +1,6 @@
-"""UNSB training pieces (Kim et al., ICLR 2024): Schrödinger-bridge (SB) loss with an energy
-network, time-conditioned LSGAN discriminator, PatchNCE with an MLP patch head.
+"""UNSB (Kim et al., ICLR 2024) training: the method (``UNSBMethod``, registered as "unsb") and its
+pieces: Schrödinger-bridge (SB) loss with an energy network, time-conditioned LSGAN
+discriminator, PatchNCE with an MLP patch head (shared CUT-family set-up: train/cut_family.py).
 
 One training step (the generator is rtkit.engines.unsb.UNSBGenerator):
 
@@ -23,6 +24,7 @@ which is the same at 1 and is applied once here).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -31,7 +33,9 @@ from torch import nn
 
 from rtkit.engines.cut import BlurDownsample
 from rtkit.engines.unsb import timestep_embedding
-from rtkit.train.decent_losses import init_xavier, sample_patches
+from rtkit.engines.errors import RtkitError
+from rtkit.train.cut_family import CUTFamilyMethod, CUTFamilyOptions, init_xavier, lsgan_loss, sample_patches
+from rtkit.train.translator_method import cpu_state, register_method, requires_grad
 
 
 # -- time-conditioned PatchGAN (discriminator and energy network) ---------------------------------
@@ -165,5 +169,142 @@ def sb_loss(e_joint: torch.Tensor, e_product: torch.Tensor, xt: torch.Tensor, x0
     return -weight * tau * (e_joint - e_product) + tau * (xt.float() - x0.float()).pow(2).mean()
 
 
+# -- the method -----------------------------------------------------------------------------------
+
+@dataclass
+class UNSBOptions(CUTFamilyOptions):
+    lambda_gan: float = 1.0
+    lambda_sb: float = 1.0
+    lambda_nce: float = 1.0
+    nce_idt: bool = True
+    nce_layers: tuple = (0, 4, 8, 12, 16)
+    nce_t: float = 0.07
+    netf_nc: int = 256
+    tau: float = 0.01
+    num_timesteps: int = 5
+
+
+@register_method("unsb")
+class UNSBMethod(CUTFamilyMethod):
+    """UNSB: simulate the bridge to a random step, then D, E, and G (+ the NCE head)."""
+
+    Options = UNSBOptions
+    default_generator = "unsb"
+    uses_second_source = True
+
+    def __init__(self, cfg, opts: UNSBOptions, ctx, dtype):
+        super().__init__(cfg, opts, ctx, dtype)
+        from rtkit.engines.unsb import UNSBTranslator, init_official_
+
+        self.translator = self.build_generator()
+        if not isinstance(self.translator, UNSBTranslator):
+            raise RtkitError(f"UNSB training needs a UNSB generator (unsb, unsb_tiny), got "
+                             f"{getattr(self.translator, 'registry_name', type(self.translator).__name__)}")
+        self.generator = self.translator.generator
+        if cfg.generator_checkpoint is None:
+            init_official_(self.generator)
+        # NCE layers are numbered over the encoder and the residual blocks; a smaller generator
+        # (unsb_tiny: 12 + 2) lacks the deepest default ones, and the NCE mean is over those it has.
+        depth = len(self.generator.model) + len(self.generator.model_res)
+        self.layers = [int(i) for i in opts.nce_layers if 0 <= int(i) < depth]
+        if not self.layers:
+            raise RtkitError(f"none of the NCE layers {tuple(opts.nce_layers)} exists in this generator "
+                             f"(layers 0..{depth - 1})")
+        self.z_dim = self.generator.z_dim
+        t0 = torch.zeros(1, dtype=torch.long, device=self.device)
+        z0 = torch.zeros(1, self.z_dim, device=self.device)
+        feats = self.probe(lambda x: self.generator.encode(x, t0, z0, self.layers))
+        self.patch_head = PatchSampleMLP([f.shape[1] for f in feats], opts.netf_nc).to(self.device)
+        self.discriminator = ConditionalPatchDiscriminator(3, opts.ndf, opts.n_layers_d).to(self.device)
+        self.energy = ConditionalPatchDiscriminator(12, opts.ndf, opts.n_layers_d).to(self.device)
+        self.nets = {"G": self.generator, "D": self.discriminator, "E": self.energy, "F": self.patch_head}
+        self.set_optimizers({k: v.parameters() for k, v in self.nets.items()})
+
+    def _bridge_state(self, x: torch.Tensor, t: int, times: torch.Tensor) -> torch.Tensor:
+        """x_t: the bridge simulated (no gradients) from ``x`` through evaluations 0..t-1."""
+        G, tau = self.generator, self.opts.tau
+        xt, pred = x, None
+        for s in range(t + 1):
+            if s > 0:
+                delta = times[s] - times[s - 1]
+                inter = delta / (times[-1] - times[s - 1])
+                scale = delta * (1 - inter)
+                xt = (1 - inter) * xt + inter * pred + (scale * tau).sqrt() * torch.randn_like(xt)
+            z = torch.randn(x.shape[0], self.z_dim, device=x.device)
+            pred = G(xt, torch.full((x.shape[0],), s, dtype=torch.long, device=x.device), z)
+        return xt
+
+    def _nce(self, src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        G, o, n = self.generator, self.opts, src.shape[0]
+        t0 = torch.zeros(n, dtype=torch.long, device=src.device)
+        z = torch.randn(n, self.z_dim, device=src.device)
+        feat_q = G.encode(out, t0, z, self.layers)
+        feat_k = G.encode(src, t0, z, self.layers)
+        pool_k, ids = self.patch_head(feat_k, o.num_patches)
+        pool_q, _ = self.patch_head(feat_q, o.num_patches, ids)
+        total = sum(patch_nce_loss(q, k, n, o.nce_t).mean() for q, k in zip(pool_q, pool_k))
+        return total / len(self.layers)
+
+    def train_step(self, batch):
+        from rtkit.engines.unsb import bridge_times
+
+        real_a, real_a2, real_b = batch["source"], batch["source2"], batch["target"]
+        G, D, E, o = self.generator, self.discriminator, self.energy, self.opts
+        n, T = real_a.shape[0], o.num_timesteps
+        times = bridge_times(T).to(self.device)
+        t = int(torch.randint(T, (1,)))
+        t_idx = torch.full((1,), t, dtype=torch.long, device=self.device)
+        with torch.no_grad(), self.autocast():
+            xt = self._bridge_state(real_a, t, times)
+            xt2 = self._bridge_state(real_a2, t, times)
+            xtb = self._bridge_state(real_b, t, times) if o.nce_idt else None
+        with self.autocast():
+            inputs = torch.cat([xt, xtb]) if o.nce_idt else xt
+            fake = G(inputs, torch.full((inputs.shape[0],), t, dtype=torch.long, device=self.device),
+                     torch.randn(inputs.shape[0], self.z_dim, device=self.device))
+            fake_b2 = G(xt2, torch.full((n,), t, dtype=torch.long, device=self.device),
+                        torch.randn(n, self.z_dim, device=self.device))
+        fake_b, idt_b = fake[:n], (fake[n:] if o.nce_idt else None)
+        loss_d = self.discriminator_step(D, fake_b, real_b, t_idx)
+        # energy network
+        with self.autocast():
+            e_joint, e_product = energy_terms(E, xt, fake_b.detach(), xt2, fake_b2.detach(), t_idx)
+            loss_e = energy_loss(e_joint, e_product)
+        self.update("E", loss_e)
+        # generator and NCE head
+        requires_grad([D, E], False)
+        try:
+            with self.autocast():
+                loss_gan = lsgan_loss(D(fake_b, t_idx), True)
+                e_joint, e_product = energy_terms(E, xt, fake_b, xt2, fake_b2, t_idx)
+                loss_sb = sb_loss(e_joint, e_product, xt, fake_b, t, T, o.tau)
+                loss_nce = self._nce(real_a, fake_b)
+                if o.nce_idt:
+                    loss_nce = 0.5 * (loss_nce + self._nce(real_b, idt_b))
+                loss_g = o.lambda_gan * loss_gan + o.lambda_sb * loss_sb + o.lambda_nce * loss_nce
+            self.update(("G", "F"), loss_g)   # the NCE head learns from the same backward
+        finally:
+            requires_grad([D, E], True)
+        return {"loss_G": loss_g.detach(), "G_GAN": loss_gan.detach(), "SB": loss_sb.detach(),
+                "NCE": loss_nce.detach(), "loss_D": loss_d.detach(), "loss_E": loss_e.detach(),
+                "t": torch.tensor(float(t))}
+
+    @torch.no_grad()
+    def translate(self, x):
+        return self.translator(x, nfe=self.opts.num_timesteps, tau=self.opts.tau, seed=0)
+
+    def weights_object(self, step: int):
+        return cpu_state(self.generator.state_dict())   # the official {step}_net_G.pth keys
+
+    def card(self, path, training):
+        """The card records the sampler settings the generator was trained for (NFE, tau)."""
+        import dataclasses
+
+        card = super().card(path, training)
+        settings = dict(card.spec.settings, nfe=int(self.opts.num_timesteps), tau=float(self.opts.tau))
+        card.spec = dataclasses.replace(card.spec, settings=settings)
+        return card
+
+
 __all__ = ["TimeEmbedding", "ConditionalConvBlock", "ConditionalPatchDiscriminator", "PatchSampleMLP",
-           "patch_nce_loss", "energy_terms", "energy_loss", "sb_loss"]
+           "patch_nce_loss", "energy_terms", "energy_loss", "sb_loss", "UNSBOptions", "UNSBMethod"]
