@@ -35,8 +35,8 @@ from torch import nn
 
 from rtkit.engines.checkpoint import load_state_dict_strict, read_checkpoint
 from rtkit.engines.errors import CheckpointError, RtkitError, optional_import
-from rtkit.engines.registry import register_model
-from rtkit.engines.sampling import SeededNoise, per_sample_seeds
+from rtkit.engines.registry import Pipeline, register_model
+from rtkit.engines.sampling import SeededNoise, per_sample_seeds, register_loop
 from rtkit.engines.spec import ModelSpec, TensorSpec
 
 PROMPT = "photo of a id person"
@@ -96,10 +96,12 @@ TINY_TEXT_CONFIG = dict(vocab_size=0, hidden_size=128, intermediate_size=256, nu
                         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
                         layer_norm_eps=1e-5, projection_dim=128)  # vocab_size set from the tiny vocab
 
+# Loop settings a card carries (and --set overrides); the frame settings come from the model.
+LOOP_SETTINGS = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "scheduler": DEFAULT_SCHEDULER, "seed": 0}
 SPEC = ModelSpec(task="generate", input_size=(IMAGE_SIZE, IMAGE_SIZE), value_range=(-1.0, 1.0),
-                 channels="RGB", alignment="arcface112", resize="native")
+                 channels="RGB", alignment="arcface112", resize="native", settings=dict(LOOP_SETTINGS))
 TINY_SPEC = ModelSpec(task="generate", input_size=(32, 32), value_range=(-1.0, 1.0), channels="RGB",
-                      alignment="arcface112", resize="native")
+                      alignment="arcface112", resize="native", settings=dict(LOOP_SETTINGS))
 
 EXPECTED_LAYOUT = ("expected <models>/arc2face/{config.json, diffusion_pytorch_model.safetensors}, "
                    "<models>/encoder/{config.json, pytorch_model.bin or model.safetensors} and an SD-1.5 "
@@ -216,7 +218,8 @@ class UNetPart(nn.Module):
                 "encoder_hidden_states": torch.randn(batch, MAX_LENGTH, self.context_dim)}
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        # A runner casts the first input to its precision only; the context follows it (no-op in fp32).
+        return self.unet(sample, timestep, encoder_hidden_states.to(sample.dtype), return_dict=False)[0]
 
 
 class VaeDecoderPart(nn.Module):
@@ -232,7 +235,29 @@ class VaeDecoderPart(nn.Module):
         return {"input": torch.randn(batch, int(self.vae.config.latent_channels), latent_size, latent_size)}
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        # The VAE may sit in another precision than the UNet (fp32 or bf16: an fp16 VAE overflows).
+        latents = latents.to(next(self.vae.parameters()).dtype)
         return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0].clamp(-1.0, 1.0)
+
+
+class UncondPart(nn.Module):
+    """The unconditional conditioning as a part: (N, id_dim) -> encoder("") (N, 77, hidden).
+
+    A constant computed once from the encoder; only the batch size is read from the input. As
+    its own (tiny) engine it travels with the exported parts, so the loop over ONNX Runtime or
+    TensorRT parts has the unconditional branch without the torch encoder."""
+
+    def __init__(self, value: torch.Tensor, id_dim: int):
+        super().__init__()
+        self.register_buffer("value", value.detach().float().reshape(1, MAX_LENGTH, -1).clone())
+        self.id_dim = int(id_dim)
+        self.spec = _part_spec()
+
+    def export_inputs(self, batch: int) -> dict:
+        return {"input": torch.randn(batch, self.id_dim)}
+
+    def forward(self, id_embedding: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(id_embedding.shape[0], -1, -1).to(id_embedding.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,6 +449,45 @@ class Arc2Face(nn.Module):
     def load_whole(self, path: str | Path) -> None:
         load_state_dict_strict(self, read_checkpoint(path), name="arc2face", path=path)
         self._uncond_cache.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline: parts + loop, so exported engines run the same sampler
+
+
+@register_loop("arc2face", seeded=True)
+def arc2face_pipeline_loop(parts: Mapping[str, Callable], x, *, seed: int | Sequence[int] = 0,
+                           steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                           scheduler: str = DEFAULT_SCHEDULER, scheduler_config: Mapping | None = None,
+                           size: int = IMAGE_SIZE, latent_channels: int = 4, vae_scale: int = 8,
+                           delta=None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """The registered loop: ID vectors ``x`` (N, D) -> images (N, 3, size, size) in [-1, 1].
+
+    parts: "encoder", "unet", "vae_decoder" and "uncond" (``UncondPart``: the empty-prompt
+    conditioning, read once per call) as callables of tensors, e.g. the part runners of an
+    exported card (rtkit.runtime.PipelineRunner) or TorchRunners over ``Arc2Face.parts()``.
+    Settings as in ``arc2face_loop``; ``delta`` a conditioning-space offset (77, H)."""
+    ids = torch.as_tensor(x).float()
+    uncond = None
+    if float(guidance) > 1.0:
+        uncond = _call(parts["uncond"], ids[:1])[:1] if "uncond" in parts else None
+    if delta is not None:
+        delta = torch.as_tensor(delta).float()
+    return arc2face_loop(parts, ids, seed=seed, uncond=uncond, steps=steps, guidance=guidance,
+                         scheduler=scheduler, scheduler_config=scheduler_config, size=size,
+                         latent_channels=latent_channels, vae_scale=vae_scale, delta=delta,
+                         callback=callback)
+
+
+def _pipeline_settings(model: "Arc2Face") -> dict:
+    return model.loop_config()
+
+
+PIPELINE = Pipeline(parts={"encoder": lambda m: m.encoder,
+                           "uncond": lambda m: UncondPart(m.uncond(), m.id_dim),
+                           "unet": lambda m: UNetPart(m.unet),
+                           "vae_decoder": lambda m: VaeDecoderPart(m.vae)},
+                    loop="arc2face", settings=_pipeline_settings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -657,7 +721,7 @@ def load_checkpoint(model: Arc2Face, path: str | Path) -> None:
     model.load_whole(path)
 
 
-@register_model("arc2face", spec=SPEC, loader=load_checkpoint,
+@register_model("arc2face", spec=SPEC, loader=load_checkpoint, pipeline=PIPELINE,
                 description="Arc2Face ID-conditioned generator (SD-1.5 UNet + CLIP text encoder), 512x512")
 def arc2face(models: str | Path | None = None, base: str | Path | None = None, id_dim: int = ID_DIM) -> nn.Module:
     """Official weights with ``models`` and ``base``; random full-size weights without (benchmarks)."""
@@ -669,7 +733,7 @@ def arc2face(models: str | Path | None = None, base: str | Path | None = None, i
                           token_ids=placeholder_token_ids(CLIP_L14_TEXT_CONFIG["vocab_size"]), id_dim=id_dim)
 
 
-@register_model("arc2face_tiny", spec=TINY_SPEC, loader=load_checkpoint, tiny=True,
+@register_model("arc2face_tiny", spec=TINY_SPEC, loader=load_checkpoint, tiny=True, pipeline=PIPELINE,
                 description="Arc2Face at tiny widths (32x32 images, 64-d IDs, 2-layer CLIP), for tests")
 def arc2face_tiny(models: str | Path | None = None, base: str | Path | None = None,
                   id_dim: int = TINY_ID_DIM) -> nn.Module:
@@ -683,7 +747,8 @@ def arc2face_tiny(models: str | Path | None = None, base: str | Path | None = No
                           id_dim=id_dim, spec=TINY_SPEC)
 
 
-__all__ = ["Arc2Face", "IdEncoder", "UNetPart", "VaeDecoderPart", "arc2face_loop", "make_scheduler",
+__all__ = ["Arc2Face", "IdEncoder", "UNetPart", "VaeDecoderPart", "UncondPart", "arc2face_loop",
+           "arc2face_pipeline_loop", "PIPELINE", "LOOP_SETTINGS", "make_scheduler",
            "load_arc2face", "save_layout", "build_arc2face", "causal_mask", "prompt_token_ids",
            "placeholder_token_ids", "tiny_token_ids", "tiny_vocab", "tiny_text_config",
            "write_tiny_tokenizer", "PROMPT", "ID_DIM", "TINY_ID_DIM", "DEFAULT_STEPS", "DEFAULT_GUIDANCE",

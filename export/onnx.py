@@ -53,6 +53,8 @@ import copy
 import inspect
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping
@@ -111,7 +113,8 @@ def _dynamic_axes(model: nn.Module, inputs: dict[str, torch.Tensor], out_name: s
     """Batch axis 0 everywhere it follows the batch (found by asking for a second batch size),
     plus H/W for fully convolutional models."""
     spec = export_spec(model)
-    spatial = spec.input_size is None
+    # Fully convolutional models take any H/W; a part fed vectors (Arc2Face's encoder) has none.
+    spatial = spec.input_size is None and inputs[INPUT_NAME].ndim == 4
     axes = {INPUT_NAME: {0: "batch", **({2: "height", 3: "width"} if spatial else {})},
             out_name: {0: "batch"}}
     if spatial and spec.task != "embed":
@@ -291,15 +294,31 @@ def set_metadata_props(model_proto, meta: EngineCard) -> None:
     entry.value = meta.to_json()
 
 
-def _save(model_proto, path: Path, name: str) -> None:
+# Protobuf holds at most 2 GiB; past this (with headroom for the graph) weights go to a .data file.
+EXTERNAL_DATA_BYTES = (1 << 31) - (1 << 26)
+
+
+def external_data_file(path: Path) -> Path:
+    """Where the weights of an engine saved with external data live: ``X.onnx.data`` beside it."""
+    return path.with_name(path.name + ".data")
+
+
+def _save(model_proto, path: Path, final: Path, external: bool | None) -> bool:
+    """Write ``model_proto`` to ``path`` (a temporary name of ``final``); weights past 2 GB (or
+    ``external=True``) go to ``final``'s .data file, which the graph names. True if they did."""
     import onnx
 
     size = sum(t.ByteSize() for t in model_proto.graph.initializer)
-    if size > (1 << 31) - (1 << 26):
-        # Protobuf holds at most 2 GiB; no exported translator or recognizer comes close.
-        raise EngineError(f"{name} has {size / 2**30:.1f} GiB of weights: ONNX files over 2 GiB "
-                          f"(external data) are not supported by this exporter")
-    onnx.save_model(model_proto, str(path))
+    if external is None:
+        external = size > EXTERNAL_DATA_BYTES
+    if not external:
+        onnx.save_model(model_proto, str(path))
+        return False
+    data = external_data_file(final)
+    _remove(data)  # save_model appends to an existing data file
+    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return True
 
 
 def _remove(*paths: Path) -> None:
@@ -342,7 +361,8 @@ def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
             checkpoint: str | Path | None = None, precision: str = "fp32",
             keep_io_types: bool = True, opset: int = 17, batch=(1, 8, 64),
             input_channels: str | None = None, parity: bool = True, tol=None,
-            log: Callable[[str], None] | None = print, overrides: dict | None = None) -> Path:
+            log: Callable[[str], None] | None = print, overrides: dict | None = None,
+            part_precision: Mapping[str, str] | None = None, external_data: bool | None = None) -> Path:
     """Export a model to ONNX with its engine metadata; return the .onnx path.
 
     model_or_name: a registered name (built with ``checkpoint``, else its bundled weights, and
@@ -357,9 +377,14 @@ def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
     parity: compare ONNX Runtime with PyTorch on seeded inputs; on failure the files are removed
         and EngineError says by how much (``tol`` overrides the default tolerance).
     log: where the parity report goes (None: nowhere).
-    """
-    import onnx
+    part_precision: pipelines with several parts: precision per part overriding ``precision``
+        (e.g. ``{"vae_decoder": "fp32"}`` beside fp16 parts: an fp16 VAE overflows to black images).
+    external_data: weights in ``X.onnx.data`` beside the graph: None (automatic past 2 GB), True
+        or False.
 
+    A pipeline with several parts (Arc2Face: encoder, uncond, unet, vae_decoder) is written as
+    ``X.<part>.onnx`` per part plus the card ``X.json`` listing them; the card's path is returned.
+    """
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     profile = _batch_profile(batch)
@@ -371,6 +396,43 @@ def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
         model = copy.deepcopy(model).float().cpu()  # trace in fp32 on CPU; leave the caller's as is
     model.eval()
+    pipeline = _pipeline_of(model)
+    if pipeline is not None and len(pipeline.parts) > 1:
+        return _pipeline_to_onnx(model, name, sha, pipeline, out_path, precision=precision,
+                                 part_precision=part_precision, keep_io_types=keep_io_types, opset=opset,
+                                 profile=profile, parity=parity, tol=tol, log=log, external_data=external_data)
+    if part_precision:
+        raise EngineError(f"{name} is one engine; part_precision applies to pipelines with several parts")
+
+    def card_of(engine_spec: ModelSpec, out_name: str, in_dtype: str, built: dict) -> EngineCard:
+        return _engine_card(model, name, engine_spec, out_path, out_name, in_dtype, precision, profile, sha, built)
+
+    _export_engine(model, name, out_path, card_of, precision=precision, keep_io_types=keep_io_types,
+                   opset=opset, input_channels=input_channels, external_data=external_data, sidecar=True)
+    if parity:
+        _parity_or_remove(model, out_path, [out_path, out_path.with_suffix(".json"), external_data_file(out_path)],
+                          tol, log)
+    return out_path
+
+
+def _build(opset: int, precision: str) -> dict:
+    import onnx
+
+    build = {"opset": opset, "exporter": "torch.onnx (TorchScript tracer)", "onnx": onnx.__version__}
+    if precision == "fp16":
+        from importlib.metadata import version
+        build["onnxconverter_common"] = version("onnxconverter-common")
+    return build
+
+
+def _export_engine(model: nn.Module, name: str, out_path: Path, card_of, *, precision: str,
+                   keep_io_types: bool, opset: int, input_channels: str | None, external_data: bool | None,
+                   sidecar: bool) -> EngineCard:
+    """Trace one engine file (a model, or one part of a pipeline) and write it atomically, with
+    ``card_of(engine_spec, output_name, input_dtype, built_with)`` in its metadata_props (and
+    beside it when ``sidecar``)."""
+    import onnx
+
     spec = export_spec(model)
     if input_channels not in (None, "RGB", "BGR"):
         raise EngineError(f"input_channels must be RGB or BGR, got {input_channels!r}")
@@ -384,37 +446,98 @@ def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
     axes = _dynamic_axes(model, inputs, out_name)
 
     tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.part.onnx")
+    # The tracer writes models past 2 GB as one file per tensor beside its output: a folder of its own.
+    trace_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.stem}.trace.", dir=out_path.parent))
     try:
-        traced_shape = _trace_to_file(graph, inputs, tmp, out_name, axes, opset, name)
-        proto = onnx.load(str(tmp))
+        traced = trace_dir / "model.onnx"
+        traced_shape = _trace_to_file(graph, inputs, traced, out_name, axes, opset, name)
+        proto = onnx.load(str(traced))
+        shutil.rmtree(trace_dir, ignore_errors=True)
         _set_output_shape(proto, out_name, traced_shape, axes[out_name])
         _check_inputs_kept(proto, list(inputs), name)
-        build = {"opset": opset, "exporter": "torch.onnx (TorchScript tracer)", "onnx": onnx.__version__}
         if precision == "fp16":
             proto = to_fp16(proto, keep_io_types)
-            from importlib.metadata import version
-            build["onnxconverter_common"] = version("onnxconverter-common")
         if spec.task == "embed":
             _keep_insightface_scaling(proto)
         in_dtype = "float16" if precision == "fp16" and not keep_io_types else "float32"
-        meta = _engine_card(model, name, engine_spec, out_path, out_name, in_dtype, precision, profile, sha,
-                            build_info(**build))
+        meta = card_of(engine_spec, out_name, in_dtype, build_info(**_build(opset, precision)))
         set_metadata_props(proto, meta)
-        _save(proto, tmp, name)
-        onnx.checker.check_model(str(tmp))
+        external = _save(proto, tmp, out_path, external_data)
+        del proto
+        onnx.checker.check_model(str(tmp))  # by path: also reads external data
         os.replace(tmp, out_path)
+        if not external:
+            _remove(external_data_file(out_path))  # left by an earlier export of the same name
     finally:
         _remove(tmp)
-    write_card(out_path, meta)
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    if sidecar:
+        write_card(out_path, meta)
+    return meta
 
-    if parity:
-        from rtkit.export.parity import check_parity
 
-        report = check_parity(model, out_path, tol=tol)
-        if log is not None:
-            log(report.format())
-        if not report.passed:
-            _remove(out_path, out_path.with_suffix(".json"))
-            raise EngineError(f"{out_path.name}: {report.failure_line()}; the files were removed "
-                              f"(export with parity off, --no-parity, to keep and inspect them)")
-    return out_path
+def _parity_or_remove(model: nn.Module, path: Path, files: list[Path], tol, log) -> None:
+    from rtkit.export.parity import check_parity
+
+    report = check_parity(model, path, tol=tol)
+    if log is not None:
+        log(report.format())
+    if not report.passed:
+        _remove(*files)
+        raise EngineError(f"{path.name}: {report.failure_line()}; the files were removed "
+                          f"(export with parity off, --no-parity, to keep and inspect them)")
+
+
+def part_path(out_path: Path, part: str) -> Path:
+    """The engine file of one part of a multi-part pipeline exported as ``X.onnx``: ``X.<part>.onnx``."""
+    return out_path.with_name(f"{out_path.stem}.{part}.onnx")
+
+
+def _pipeline_to_onnx(model: nn.Module, name: str, sha: str | None, pipeline, out_path: Path, *,
+                      precision: str, part_precision: Mapping[str, str] | None, keep_io_types: bool,
+                      opset: int, profile: dict, parity: bool, tol, log, external_data: bool | None) -> Path:
+    """A pipeline with several parts: ``X.<part>.onnx`` per part (its part card in
+    metadata_props), then the one card ``X.json`` listing the parts and the loop; parity per
+    part. Returns the card's path (what ``rtkit.runtime.open_engine`` opens)."""
+    import dataclasses
+
+    modules = pipeline.part_modules(model)
+    precisions = {k: precision for k in modules}
+    for k, p in dict(part_precision or {}).items():
+        if k not in modules:
+            raise EngineError(f"{name} has no part {k!r}; its parts: {', '.join(modules)}")
+        if p not in PRECISIONS:
+            raise EngineError(f"precision of part {k} must be one of {PRECISIONS}, got {p!r}")
+        precisions[k] = p
+    for m in modules.values():
+        m.eval()
+    in_dtype = "float16" if precision == "fp16" and not keep_io_types else "float32"
+    settings = {**model.spec.settings, **pipeline.model_settings(model)}
+    built = build_info(**_build(opset, "fp16" if "fp16" in precisions.values() else "fp32"))
+    card = EngineCard(model=name, spec=dataclasses.replace(model.spec, inputs=(), settings=settings),
+                      overrides=dict(getattr(model, "registry_overrides", {}) or {}), input_name=INPUT_NAME,
+                      output_names=[output_name_for(model.spec)], dtype=in_dtype, precision=precision,
+                      batch=profile, checkpoint_sha256=sha, built_with=built, loop=pipeline.loop,
+                      parts={k: Part(file=part_path(out_path, k).name, inputs=export_spec(m).inputs,
+                                     outputs=(output_name_for(export_spec(m)),), precision=precisions[k])
+                             for k, m in modules.items()})
+    written: list[Path] = []
+    try:
+        for k, m in modules.items():
+            path = part_path(out_path, k)
+            io_dtype = "float16" if precisions[k] == "fp16" and not keep_io_types else "float32"
+
+            def card_of(engine_spec, out_name, dtype, built_part, k=k, io_dtype=io_dtype):
+                return dataclasses.replace(card.part_card(k), dtype=io_dtype,
+                                           built_with={**card.built_with, **built_part})
+
+            written += [path, external_data_file(path)]
+            _export_engine(m, f"{name}.{k}", path, card_of, precision=precisions[k],
+                           keep_io_types=keep_io_types, opset=opset, input_channels=None,
+                           external_data=external_data, sidecar=False)
+            if parity:
+                _parity_or_remove(m, path, [path, external_data_file(path)], tol, log)
+    except BaseException:
+        _remove(*written)  # no half pipeline: its card is not written either
+        raise
+    return write_card(out_path, card)
