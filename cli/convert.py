@@ -6,6 +6,7 @@ import sys
 import click
 
 from rtkit.cli.common import engine_options, parse_extra, size_option, user_errors
+from rtkit.engines.errors import RtkitError
 
 
 def _shard(ctx, param, value):
@@ -18,6 +19,41 @@ def _shard(ctx, param, value):
     if not (n >= 1 and 0 <= i < n):
         raise click.BadParameter(f"need 0 <= i < n, got {value}")
     return i, n
+
+
+def _devices(ctx, param, value):
+    """cuda:0,cuda:1 | all | cpu,cpu: the syntax here; whether the CUDA devices exist, in main."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.BadParameter("expected a comma-separated list such as cuda:0,cuda:1, or all")
+    if names == ["all"]:
+        return names
+    for n in names:
+        kind, colon, index = n.partition(":")
+        if not (n == "cpu" or (kind == "cuda" and (not colon or index.isdigit()))):
+            raise click.BadParameter(f"{n!r} is not a device; use cuda:N, all, or cpu")
+    return names
+
+
+def _cuda_devices(names: list[str] | None) -> list[str] | None:
+    """Expand 'all' to every CUDA device and check that the named ones exist (one-line errors)."""
+    if not names or not (names == ["all"] or any(n.startswith("cuda") for n in names)):
+        return names
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise RtkitError(f"--devices {','.join(names)}: no CUDA device is visible here; name CPU "
+                         f"devices (cpu,cpu) or leave --devices out")
+    if names == ["all"]:
+        return [f"cuda:{i}" for i in range(count)]
+    for n in names:
+        if ":" in n and int(n.split(":")[1]) >= count:
+            raise RtkitError(f"--devices: {n} does not exist here ({count} CUDA device(s), "
+                             f"cuda:0..cuda:{count - 1})")
+    return names
 
 
 EPILOG = """\b
@@ -47,6 +83,8 @@ Examples:
   rt-convert --engine render2photo.onnx sample/render out/
   rt-convert --engine vsait.plan --device cuda --batch-size 256 digiface/ out/ --shard 0/4
   rt-convert --engine codeformer_arcface112 --checkpoint codeformer.pth --set w=0.7 src/ out/
+  rt-convert --engine vsait.onnx --devices all digiface/ out/        # one worker per GPU here
+  rt-convert --engine vsait.onnx --device cuda --executor ray --ray-address HEAD:6379 digiface/ out/
 """
 
 
@@ -76,6 +114,17 @@ Examples:
               "processes, one single-threaded engine each, so each holds its own copy of the weights "
               "(default: one per core; 0 = the threaded pipeline in one process, as for GPU, TensorRT "
               "and torch engines).")
+@click.option("--devices", callback=_devices, metavar="LIST", help="One worker process per device "
+              "over the same job and manifest: cuda:0,cuda:1, all (every CUDA device), or cpu,cpu.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: threads, processes or --devices on this machine; ray: one runner actor per "
+              "GPU (--device cuda) or CPU of a Ray cluster, the manifest kept here (needs rtkit[ray]).")
+@click.option("--ray-address", metavar="HOST:PORT", help="--executor ray: the cluster to use (default: "
+              "$RAY_ADDRESS, else a new local cluster).")
+@click.option("--ray-cpus", type=click.IntRange(min=1), help="--executor ray: CPUs of the local cluster "
+              "(default: this machine's cores).")
+@click.option("--ray-actors", type=click.IntRange(min=1), help="--executor ray: runner actors (default: "
+              "one per GPU of the cluster with --device cuda, else one per CPU).")
 @click.option("--shard", callback=_shard, metavar="I/N", help="Convert only shard I of N (0-based).")
 @click.option("--max-failures", type=click.IntRange(min=0),
               help="Stop (exit 3) once more files than this have failed in this run.")
@@ -88,14 +137,16 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def main(src, out, engine, checkpoint, device, backend, precision, fmt, quality, size, batch_size,
-         decode_workers, encode_workers, infer_workers, runner_threads, processes, shard, max_failures, extra, retry_failed,
-         restart, sheet, quiet):
+         decode_workers, encode_workers, infer_workers, runner_threads, processes, devices, executor,
+         ray_address, ray_cpus, ray_actors, shard, max_failures, extra, retry_failed, restart, sheet, quiet):
     """Convert every image under SRC through a translator ENGINE into OUT."""
     from rtkit.runtime.converter import convert
 
     summary = convert(engine, src, out, device=device, backend=backend, checkpoint=checkpoint,
                       precision=precision, extra=parse_extra(extra), runner_threads=runner_threads,
                       infer_workers=infer_workers, processes=processes,
+                      devices=_cuda_devices(devices), executor=executor, ray_address=ray_address,
+                      ray_cpus=ray_cpus, ray_actors=ray_actors,
                       fmt=fmt, quality=quality, size=size, batch_size=batch_size,
                       decode_workers=decode_workers, encode_workers=encode_workers, shard=shard,
                       max_failures=max_failures, retry_failed=retry_failed, restart=restart,

@@ -3,7 +3,8 @@ and hands them to the job (runtime/job.py), which owns the plan, the manifest an
 
 Executors: the threaded pipeline (runtime/executors.py) for GPU, TensorRT and torch engines;
 conversion processes (runtime/processes.py), one per core for ONNX engines on CPU, or one per
-device with ``devices``.
+device with ``devices``; runner actors on a Ray cluster with ``executor="ray"``
+(runtime/ray_executor.py).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
             precision: str = "fp32", extra: dict[str, Any] | None = None,
             runner_threads: int | None = None, infer_workers: int | None = None,
             processes: int | None = None, devices: list[str] | None = None,
-            random_weights: bool = False, **options) -> Summary:
+            executor: str = "local", ray_address: str | None = None, ray_cpus: int | None = None,
+            ray_actors: int | None = None, random_weights: bool = False, **options) -> Summary:
     """Convert every image under ``src`` into ``out`` through ``engine`` (see rt-convert --help).
 
     An ONNX engine on CPU runs by default as one conversion process per core, each decoding,
@@ -47,9 +49,21 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
     the same cores, and processes spend none of it on the interpreter lock or thread hand-overs.
     ``processes=0`` (or explicit thread options) selects the threaded pipeline, which GPUs,
     TensorRT and torch engines use. ``devices`` runs one worker process per device.
+    ``executor="ray"`` runs one runner actor per GPU (or CPU) of a Ray cluster instead: the one at
+    ``ray_address``, else a local one of ``ray_cpus`` CPUs.
     """
     t_start = time.perf_counter()
     cpu_onnx = str(device) == "cpu" and _is_onnx(engine, backend)
+    kind = executor
+    if kind not in ("local", "ray"):
+        raise RtkitError(f"--executor must be 'local' or 'ray', got {kind!r}")
+    if kind == "ray":
+        from rtkit.runtime.ray_executor import check_ray_options
+
+        check_ray_options(engine, devices, processes, ray_address, ray_cpus, ray_actors)
+        processes = 0
+    elif (ray_address, ray_cpus, ray_actors) != (None, None, None):
+        raise RtkitError("--ray-address, --ray-cpus and --ray-actors need --executor ray")
     if devices:
         if isinstance(engine, Runner):
             raise RtkitError("--devices needs an engine path or name, not an open runner")
@@ -93,7 +107,12 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
     runner = None
     try:
         lock.acquire()  # before any worker exists: a new run waits for the last one's workers
-        if processes or devices:
+        if kind == "ray":
+            from rtkit.runtime.ray_executor import RayExecutor
+
+            executor = RayExecutor(engine_args, src, opts, str(lock.writers_path), address=ray_address,
+                                   num_cpus=ray_cpus, actors=ray_actors)
+        elif processes or devices:
             from rtkit.runtime.processes import ProcessExecutor
 
             executor = ProcessExecutor(engine_args, processes, src, opts, str(lock.writers_path),
