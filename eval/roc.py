@@ -63,15 +63,25 @@ def _operating_points(labels: np.ndarray, scores: np.ndarray):
     scores = np.asarray(scores)
     if labels.shape != scores.shape or labels.ndim != 1:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} must be 1-D and equal")
-    # Order within a run of equal scores does not matter (runs are merged), so the fast sort.
-    order = np.argsort(scores)[::-1]
-    sorted_scores = scores[order]
-    genuine = labels[order] != 0
-    # The last index of each run of equal scores: accepting "score >= t" takes whole runs.
-    last_of_run = np.r_[np.flatnonzero(np.diff(sorted_scores)), scores.size - 1]
-    tps = np.cumsum(genuine, dtype=np.int64)[last_of_run]
-    fps = last_of_run + 1 - tps
-    return fps, tps, sorted_scores[last_of_run]
+    # Sorting the values alone is several times faster than an argsort and its gathers; the
+    # genuine counts then come from the (sorted) genuine scores by binary search.
+    ascending = np.sort(scores)
+    genuine = np.sort(scores[labels != 0])
+    # Accepting "score >= t" takes whole runs of equal scores: their first index ascending.
+    if ascending.size and (ascending[1:] != ascending[:-1]).all():
+        first = None  # all scores distinct (the usual case for float scores): no runs
+        thresholds = ascending
+    else:
+        first = np.flatnonzero(np.concatenate(([True], ascending[1:] != ascending[:-1])))
+        thresholds = ascending[first]
+    # Sorted keys make the search walk forward instead of restarting at every key.
+    tps = np.searchsorted(genuine, thresholds, side="left")
+    np.subtract(genuine.size, tps, out=tps)                     # genuine scores >= each
+    fps = np.subtract(scores.size, first if first is not None else
+                      np.arange(scores.size, dtype=np.int64))   # all scores >= each
+    fps -= tps
+    # Decreasing thresholds, as the ROC is walked from (0, 0).
+    return fps[::-1].astype(np.int64), tps[::-1].astype(np.int64), thresholds[::-1]
 
 
 def roc_curve(labels, scores, drop_intermediate: bool = True) -> RocCurve:
@@ -84,19 +94,41 @@ def roc_curve(labels, scores, drop_intermediate: bool = True) -> RocCurve:
     return _curve(*_operating_points(labels, scores), drop_intermediate)
 
 
+def _prepend(value, x: np.ndarray, dtype) -> np.ndarray:
+    out = np.empty(x.size + 1, dtype=dtype)
+    out[0] = value
+    out[1:] = x
+    return out
+
+
 def _curve(fps, tps, thresholds, drop_intermediate: bool) -> RocCurve:
     if drop_intermediate and fps.size > 2:
-        corner = np.logical_or(np.diff(fps, 2), np.diff(tps, 2))
-        keep = np.flatnonzero(np.r_[True, corner, True])
+        corner = np.diff(fps, 2) != 0
+        corner |= np.diff(tps, 2) != 0
+        keep = np.flatnonzero(np.concatenate(([True], corner, [True])))
+        del corner
         fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
-    fps = np.r_[0, fps].astype(np.float64)
-    tps = np.r_[0, tps].astype(np.float64)
-    thresholds = np.r_[np.inf, thresholds.astype(np.float64)]
     n_imp, n_gen = int(fps[-1]), int(tps[-1])
     if n_imp == 0 or n_gen == 0:
         raise ValueError(f"a ROC curve needs both genuine and impostor pairs "
                          f"(got {n_gen} genuine, {n_imp} impostor)")
-    return RocCurve(fps / fps[-1], tps / tps[-1], thresholds, n_gen, n_imp)
+    # Counts divided by the totals in float64, as sklearn divides its float counts.
+    fpr = _prepend(0, fps, np.float64)
+    fpr /= n_imp
+    tpr = _prepend(0, tps, np.float64)
+    tpr /= n_gen
+    return RocCurve(fpr, tpr, _prepend(np.inf, thresholds, np.float64), n_gen, n_imp)
+
+
+def _count_at_most(n: int, rate: float) -> int:
+    """The largest count c in [0, n] with c / n <= rate as float64 division (c / n grows with
+    c, so this is where "rate <= target" stops holding); -1 if none."""
+    c = min(max(int(np.floor(rate * n)), 0), n)
+    while c < n and (c + 1) / n <= rate:
+        c += 1
+    while c >= 0 and c / n > rate:
+        c -= 1
+    return c
 
 
 def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -133,29 +165,23 @@ def _check_far_value(far_value: float) -> float:
     return far_value
 
 
-def _impostor_runs(fps: np.ndarray, thresholds: np.ndarray):
-    """From operating points: the distinct impostor scores (decreasing) and how many
-    impostors are >= each (a run holds an impostor where the count grows)."""
-    has_impostor = np.diff(fps, prepend=0) > 0
-    return thresholds[has_impostor], fps[has_impostor]
-
-
-def _far_threshold_from_runs(values: np.ndarray, counts: np.ndarray, n_impostor: int,
-                             far_value: float) -> float:
-    """bob.measure's far_threshold given the distinct impostor scores in decreasing order and
-    the number of impostors at or above each."""
+def _far_threshold_from_points(fps: np.ndarray, thresholds: np.ndarray, far_value: float) -> float:
+    """bob.measure's far_threshold from operating points (thresholds decreasing, ``fps[k]``
+    impostors at or above ``thresholds[k]``); the impostor scores are the runs where fps grows."""
     far_value = _check_far_value(far_value)
-    if n_impostor < 2:
+    n = int(fps[-1])
+    if n < 2:
         raise ValueError("far_threshold needs at least 2 impostor scores")
     if far_value >= 1.0 - _EPS:  # accept everything: just below the lowest impostor
-        low = float(values[-1])
+        low = float(thresholds[np.searchsorted(fps, n, side="left")])
         return float(np.nextafter(low, low - 1))
-    # count / n grows with the count, so the admissible runs are a prefix of the list.
-    admissible = int(np.count_nonzero(counts / n_impostor <= far_value))
-    if admissible == 0:  # even the highest impostor score accepts too many: just above it
-        top = float(values[0])
+    # The lowest impostor score t whose count #(impostors >= t) still passes count / n <=
+    # target: the first run that reaches the largest passing count.
+    last = int(np.searchsorted(fps, _count_at_most(n, far_value), side="right")) - 1
+    if last < 0 or fps[last] == 0:  # even the highest impostor score accepts too many
+        top = float(thresholds[np.searchsorted(fps, 0, side="right")])
         return float(np.nextafter(top, top + 1))
-    return float(values[admissible - 1])
+    return float(thresholds[np.searchsorted(fps, fps[last], side="left")])
 
 
 def far_threshold(negatives, far_value: float = 0.001) -> float:
@@ -164,8 +190,10 @@ def far_threshold(negatives, far_value: float = 0.001) -> float:
     the module docstring for ties and targets below 1/#impostors). bob.measure's ``positives``
     argument is ignored there, so it is not taken here."""
     neg = _scores(negatives, "impostor scores")
+    if neg.size < 2:
+        raise ValueError("far_threshold needs at least 2 impostor scores")
     fps, _, thresholds = _operating_points(np.zeros(neg.size, np.int8), neg)
-    return _far_threshold_from_runs(thresholds, fps, neg.size, far_value)
+    return _far_threshold_from_points(fps, thresholds, far_value)
 
 
 def farfrr(negatives, positives, threshold: float) -> tuple[float, float]:
@@ -190,10 +218,9 @@ def tar_at_fmr_bob(negatives, positives, targets=FMR_TARGETS) -> dict[float, dic
 
 
 def _bob_points(neg, pos, fps, thresholds, targets) -> dict[float, dict]:
-    values, counts = _impostor_runs(fps, thresholds)
     out = {}
     for t in targets:
-        thr = _far_threshold_from_runs(values, counts, neg.size, t)
+        thr = _far_threshold_from_points(fps, thresholds, t)
         far, frr = farfrr(neg, pos, thr)
         out[t] = {"threshold": thr, "fmr": far, "fnmr": frr, "tar": 1.0 - frr}
     return out
@@ -223,41 +250,49 @@ def _eer_threshold_from_points(fps, tps, thresholds) -> float:
     just passed and the next. Ties go to the later step; the state after the last step
     replaces them only when strictly better. (bob then tries "above every score", FMR 0 and
     FNMR 1, which can never win: the first step already scores |1 - 0|.)
+
+    Here a state is named by the run k (decreasing scores) about to be passed: it has passed
+    every score below thresholds[k], i.e. n - fps[k] impostors and m - tps[k] genuine scores;
+    k = -1 is the state after everything.
     """
     n_neg, n_pos = int(fps[-1]), int(tps[-1])
     if n_neg == 0 or n_pos == 0:
         raise ValueError("eer_threshold needs both impostor and genuine scores")
-    values = thresholds[::-1].astype(np.float64)      # distinct scores, ascending
-    # Scores <= values[j]: all of them minus those above, i.e. at the next higher value.
-    neg_le = n_neg - np.r_[fps[::-1][1:], 0]
-    pos_le = n_pos - np.r_[tps[::-1][1:], 0]
-    exhausted = (neg_le == n_neg) | (pos_le == n_pos)
-    steps = int(np.argmax(exhausted)) + 1             # steps taken before one class runs out
-    far_run = np.full(n_neg + 1, 1.0 / n_neg)
-    far_run[0] = 1.0
-    np.subtract.accumulate(far_run, out=far_run)      # FMR after passing c impostors
-    frr_run = np.full(n_pos + 1, 1.0 / n_pos)
-    frr_run[0] = 0.0
-    np.add.accumulate(frr_run, out=frr_run)           # FNMR after passing c genuine scores
-    passed_neg = np.r_[0, neg_le[:steps]]             # states 0 .. steps
-    passed_pos = np.r_[0, pos_le[:steps]]
-    pred = np.abs(far_run[passed_neg] - frr_run[passed_pos])
-    cand = np.empty(steps + 1)
-    cand[0] = values[0]
-    j = np.arange(1, steps + 1)
-    inner = j < values.size
-    cand[1:][inner] = (values[j[inner] - 1] + values[j[inner]]) / 2
-    cand[1:][~inner] = values[j[~inner] - 1]          # both classes used up: the last value
-    in_loop = pred[:steps]
-    best = int(np.flatnonzero(in_loop == in_loop.min())[-1])
-    if pred[steps] < in_loop[best]:
-        best = steps
-    return float(cand[best])
+    size = int(fps.size)
+    # bob stops once the highest impostor or the highest genuine score has been passed.
+    last_step = max(int(np.searchsorted(fps, 0, side="right")),
+                    int(np.searchsorted(tps, 0, side="right")))
+    far = np.full(n_neg + 1, 1.0 / n_neg)
+    far[0] = 1.0
+    np.subtract.accumulate(far, out=far)      # FMR after passing c impostors
+    frr = np.full(n_pos + 1, 1.0 / n_pos)
+    frr[0] = 0.0
+    np.add.accumulate(frr, out=frr)           # FNMR after passing c genuine scores
+    # Indexed by what is still ahead (fps, tps) instead of what was passed: reversed views.
+    far_ahead, frr_ahead = far[::-1], frr[::-1]
+    pred = far_ahead[fps[last_step:]]
+    pred -= frr_ahead[tps[last_step:]]
+    np.abs(pred, out=pred)
+    # The later step (lower k) wins ties: argmin returns the first of equal minima.
+    best = last_step + int(np.argmin(pred))
+    if last_step > 0:
+        after = abs(far_ahead[fps[last_step - 1]] - frr_ahead[tps[last_step - 1]])
+    else:
+        after = abs(far[n_neg] - frr[n_pos])
+    if after < pred[best - last_step]:
+        best = last_step - 1
+    if best == size - 1:
+        return float(thresholds[size - 1])   # the lowest score, where bob starts
+    if best == -1:
+        return float(thresholds[0])          # both classes used up: the last value passed
+    return float((thresholds[best + 1] + thresholds[best]) / 2)
 
 
 def _stack(negatives, positives):
     neg = _scores(negatives, "impostor scores")
     pos = _scores(positives, "genuine scores")
+    if neg.size == 0 or pos.size == 0:
+        raise ValueError("the EER needs both impostor and genuine scores")
     labels = np.r_[np.zeros(neg.size, np.int8), np.ones(pos.size, np.int8)]
     return neg, pos, labels, np.r_[neg, pos]
 
@@ -286,6 +321,16 @@ def roc_on_grid(curve: RocCurve, grid: np.ndarray) -> np.ndarray:
     return curve.tpr[np.maximum(idx, 0)]
 
 
+def _envelope_on_grid(fps, tps, grid) -> np.ndarray:
+    """``roc_on_grid`` of the full curve, from operating points without building the curve."""
+    n_imp, n_gen = int(fps[-1]), int(tps[-1])
+    out = np.zeros(len(grid))
+    for i, g in enumerate(np.asarray(grid, dtype=np.float64)):
+        k = int(np.searchsorted(fps, _count_at_most(n_imp, g), side="right"))
+        out[i] = tps[k - 1] / n_gen if k > 0 else 0.0
+    return out
+
+
 ROC_GRID = np.logspace(-7, 0, 141)
 
 
@@ -305,7 +350,6 @@ def evaluate_scores(labels, scores, targets=FMR_TARGETS, *, return_curve: bool =
     labels = np.asarray(labels)
     scores = _scores(scores)
     points = _operating_points(labels, scores)  # the sort is the costly part: once
-    full = _curve(*points, drop_intermediate=False)
     dropped = _curve(*points, drop_intermediate=True)
     impostor = labels == 0
     neg, pos = scores[impostor], scores[~impostor]
@@ -322,8 +366,8 @@ def evaluate_scores(labels, scores, targets=FMR_TARGETS, *, return_curve: bool =
                                "threshold": _finite_or_none(dropped.thresholds[i])}
     doc = {
         "n_pairs": int(labels.size),
-        "n_genuine": full.n_genuine,
-        "n_impostor": full.n_impostor,
+        "n_genuine": dropped.n_genuine,
+        "n_impostor": dropped.n_impostor,
         "auc": auc(dropped.fpr, dropped.tpr),
         "tar_at_fmr": {
             "insightface": {k: p["tar"] for k, p in nearest.items()},
@@ -335,7 +379,7 @@ def evaluate_scores(labels, scores, targets=FMR_TARGETS, *, return_curve: bool =
         },
         "eer": EqualErrorRate((far + frr) / 2.0, eer_thr, far, frr).as_dict(),
         "conventions": dict(CONVENTIONS),
-        "roc": {"fpr": ROC_GRID.tolist(), "tpr": roc_on_grid(full, ROC_GRID).tolist(),
+        "roc": {"fpr": ROC_GRID.tolist(), "tpr": _envelope_on_grid(points[0], points[1], ROC_GRID).tolist(),
                 "kind": "upper envelope on a log grid (for plots)"},
     }
     return (doc, dropped) if return_curve else doc

@@ -81,7 +81,16 @@ def _check_allocation(shape, dtype: np.dtype, limit: int, what: str) -> None:
                                      f"file; refusing to allocate it")
 
 
-_NDARRAY = object()   # stands for numpy.ndarray: only _reconstruct may use it, nothing calls it
+class _NdarrayMarker:
+    """Stands for numpy.ndarray in a pickle: _reconstruct takes it as the class to build;
+    calling it (ndarray(shape) allocates from a number) is refused."""
+
+    def __call__(self, *args, **kwargs):
+        raise _Refused("it calls numpy.ndarray directly, which allocates from a shape instead "
+                       "of file content")
+
+
+_NDARRAY = _NdarrayMarker()
 _NUMPY_RECONSTRUCT = np.zeros(0).__reduce__()[0]          # what arrays pickle through
 _NUMPY_SCALAR = np.float64(0).__reduce__()[0]             # what numpy scalars pickle through
 _NUMPY_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]       # arrays pickled with protocol 5
