@@ -142,9 +142,9 @@ def test_killed_device_worker_ends_the_run_and_a_rerun_finishes_exactly_once(src
 
 
 @pytest.mark.gpu
-def test_devices_all_runs_one_worker_per_gpu(src, reference, tmp_path):
+def test_devices_all_runs_one_worker_per_gpu(src, tmp_path):
     n = torch.cuda.device_count()
-    r = CliRunner().invoke(convert_cli, ["--engine", str(BUNDLED_ONNX), "-q", "--devices", "all",
+    r = CliRunner().invoke(convert_cli, ["--engine", "render2photo", "-q", "--devices", "all",
                                          str(src), str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert f"processes ({n} on {', '.join(f'cuda:{i}' for i in range(n))})" in r.output

@@ -19,7 +19,8 @@ from rtkit.cli.convert import main as convert_cli
 from rtkit.datasets.sample import make_sample_dataset
 from rtkit.engines.render2photo import BUNDLED_ONNX
 from rtkit.runtime.converter import convert
-from rtkit.runtime.manifest import manifest_path
+from rtkit.runtime.job import EXIT_SOME_FAILED
+from rtkit.runtime.manifest import Manifest, manifest_path
 
 ray = pytest.importorskip("ray")
 
@@ -133,6 +134,32 @@ def test_a_rerun_after_the_driver_is_killed_redoes_no_finished_file(cluster, src
     db = sqlite3.connect(manifest_path(out))
     assert [r[0] for r in db.execute("SELECT state FROM runs ORDER BY id")] == ["killed", "finished"]
     db.close()
+
+
+def test_bad_inputs_are_recorded_failed_and_the_run_goes_on(cluster, src, tmp_path):
+    import shutil
+
+    tree = tmp_path / "src"
+    shutil.copytree(src / "0", tree / "0")
+    good = (tree / "0" / "0.png").read_bytes()
+    (tree / "bad").mkdir()
+    (tree / "bad" / "trunc.png").write_bytes(good[: len(good) // 2])
+    (tree / "bad" / "text.png").write_text("this is not an image")
+    s = convert(BUNDLED_ONNX, tree, tmp_path / "out", executor="ray", progress=False)
+    assert s.converted == 8 and s.failed == 2 and s.exit_code == EXIT_SOME_FAILED
+    with Manifest(manifest_path(tmp_path / "out")) as m:
+        rows = {r.relpath: r for r in m.rows()}
+    assert rows["bad/trunc.png"].status == "failed" and "truncated PNG" in rows["bad/trunc.png"].error
+    assert rows["bad/text.png"].status == "failed" and "not an image" in rows["bad/text.png"].error
+
+
+@pytest.mark.gpu
+def test_cuda_engine_runs_one_actor_per_gpu(cluster, src, tmp_path):
+    import torch
+
+    s = convert("render2photo", src, tmp_path / "out", executor="ray", device="cuda", progress=False)
+    assert s.executor.startswith(f"ray ({torch.cuda.device_count()} actors on GPUs")
+    assert s.converted == TOTAL and _conversions(tmp_path / "out") == (TOTAL, 1, 1)
 
 
 def test_without_ray_the_option_fails_with_one_line_naming_the_extra(src, tmp_path, monkeypatch):
