@@ -32,7 +32,7 @@ Examples:
   rt-bench table1 --device cuda --random-weights --out table1/
 """)
 def main():
-    """Time engines (``time``, the default command) or measure the paper's Table 1 (``table1``)."""
+    """Time engines ('time', the default command) or measure the paper's Table 1 ('table1')."""
 
 
 @main.command("time", context_settings=CONTEXT, epilog="""\b
