@@ -2,24 +2,47 @@
 from __future__ import annotations
 
 import functools
+import signal
+import sys
+import threading
 
 import click
 
 from rtkit.engines.errors import RtkitError
 
 USER_ERRORS = (RtkitError, FileNotFoundError, NotADirectoryError, PermissionError)
+EXIT_USER_ERROR = 1
+# rtkit's exit codes: 1 is every user error, bad options included (click's default for usage
+# errors is 2, which rt-convert uses for "finished, some files failed").
+click.exceptions.UsageError.exit_code = EXIT_USER_ERROR
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, so jobs record the run and release their locks."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def user_errors(fn):
-    """Turn user errors into one line on stderr and exit code 1; bugs keep their traceback."""
+    """Turn user errors into one line on stderr and exit code 1; bugs keep their traceback.
+    Ctrl-C and SIGTERM stop with one line (exit 130 / 143) after the job has cleaned up."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
             msg = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}"
             raise click.ClickException(msg.splitlines()[0] if msg else type(e).__name__) from None
+        except (KeyboardInterrupt, Terminated) as e:
+            what = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+            click.echo(f"Error: stopped by {what}; finished files are kept, run the same command again "
+                       f"to resume", err=True)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
 
     return wrapper
 
@@ -43,6 +66,11 @@ def engine_options(fn):
     for d in reversed(decorators):
         fn = d(fn)
     return fn
+
+
+random_weights_option = click.option(
+    "--random-weights", is_flag=True,
+    help="Allow a full-size registered model without weights (random init: for timing only).")
 
 
 def parse_extra(values: tuple[str, ...]) -> dict:

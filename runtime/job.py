@@ -293,7 +293,7 @@ def _remove_stale(path: str) -> None:
     turns 'running', so a 'running' row's output is always this epoch's."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except OSError:  # not there, or a name the system cannot hold: nothing to adopt either way
         pass
 
 
@@ -402,9 +402,9 @@ def run_job(runner: Runner, src: Path, out: Path, opts: ConvertOptions, executor
         mpath.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RtkitError(f"cannot write into the output folder {out}: {e.strerror or e}") from None
+    plan = plan_job(src, out, opts)  # refuses collisions before the manifest exists
     with Manifest(mpath) as man:
         epoch = man.bind_job(job_config(runner, src, opts), restart=opts.restart)
-        plan = plan_job(src, out, opts)
         man.add_files(plan.images, plan.skipped)
         if opts.retry_failed:
             man.retry_failed()
@@ -419,7 +419,7 @@ def run_job(runner: Runner, src: Path, out: Path, opts: ConvertOptions, executor
                 executor.run(todo, rec, clock)
             state = "aborted" if summary.aborted else "finished"
         except BaseException as e:
-            state = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
+            state = "failed" if isinstance(e, Exception) else "interrupted"  # Ctrl-C, SIGTERM
             raise
         finally:
             rec.close()

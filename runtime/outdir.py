@@ -66,8 +66,12 @@ class OutputLock:
         self.writers_fd: int | None = None
 
     def acquire(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RtkitError(f"cannot write into the output folder {self.path.parent.parent}: "
+                             f"{e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -77,9 +81,12 @@ class OutputLock:
                                   f"({self.holder()}); wait for it to finish or stop it") from None
             raise
         self.fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        try:  # who holds it, for the message a second run prints; the lock works without it
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        except OSError:
+            pass
         self._wait_for_writers()
         return self
 
@@ -93,7 +100,12 @@ class OutputLock:
     def _wait_for_writers(self) -> None:
         """Exclusive on the writers lock = no process of an earlier run is alive; then keep it
         shared for our own writers."""
-        fd = os.open(self.writers_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.writers_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            self.release()
+            raise RtkitError(f"cannot write into the output folder {self.path.parent.parent}: "
+                             f"{e.strerror or e}") from None
         deadline = time.monotonic() + self.wait_writers_s
         while True:
             try:

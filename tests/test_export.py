@@ -326,7 +326,7 @@ def test_cli_list_and_export(tmp_path):
 
 @pytest.mark.parametrize("args, exit_code, text", [
     (["no_such_model", "x.onnx"], 1, "unknown model"),
-    (["render2photo_tiny", "x.onnx", "--batch", "8:4:2"], 2, "MIN <= OPT <= MAX"),
+    (["render2photo_tiny", "x.onnx", "--batch", "8:4:2"], 1, "MIN <= OPT <= MAX"),  # usage errors exit 1 too
     (["render2photo_tiny", "x.txt"], 1, "--to onnx|plan"),
     (["render2photo_tiny", "x.onnx", "--fp16-io"], 1, "--fp16-io needs --fp16"),
 ])

@@ -180,5 +180,5 @@ def test_cli_help_and_usage_errors(tmp_path):
     assert result.exit_code == 0
     for word in ("--style", "--identities", "--per-identity", "--seed", "DigiFace"):
         assert word in result.output
-    assert runner.invoke(sample_cli, [str(tmp_path), "--style", "cartoon"]).exit_code == 2
-    assert runner.invoke(sample_cli, [str(tmp_path), "--identities", "0"]).exit_code == 2
+    assert runner.invoke(sample_cli, [str(tmp_path), "--style", "cartoon"]).exit_code == 1
+    assert runner.invoke(sample_cli, [str(tmp_path), "--identities", "0"]).exit_code == 1
