@@ -30,6 +30,7 @@ import numpy as np
 from rtkit.engines.errors import EngineError, RtkitError
 from rtkit.engines.spec import ModelSpec
 from rtkit.engines.card import METADATA_KEY, EngineCard, card_path
+from rtkit.runtime.image import preprocess
 from rtkit.runtime.runners import OnnxRunner, Runner, open_engine
 
 CACHE_ENV = "RTKIT_EMBED_CACHE"
@@ -50,24 +51,9 @@ def default_workers() -> int:
 # -- input contract ----------------------------------------------------------------------------
 
 def to_model_input(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """HxWx3 uint8 RGB -> 3xHxW float32 at the spec's size, channel order and value range.
-
-    For the usual [-1, 1] range this is bit-identical to insightface's ``(x / 255 - 0.5) / 0.5``.
-    """
-    if spec.input_size is not None and rgb.shape[:2] != tuple(spec.input_size):
-        h, w = spec.input_size
-        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA if h < rgb.shape[0]
-                         else cv2.INTER_LINEAR)
-    img = rgb[:, :, ::-1] if spec.channels == "BGR" else rgb
-    x = np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
-    lo, hi = spec.value_range
-    if (lo, hi) == (0.0, 255.0):
-        return x
-    x /= np.float32(255.0)
-    if (lo, hi) != (0.0, 1.0):
-        x *= np.float32(hi - lo)
-        x += np.float32(lo)
-    return x
+    """HxWx3 uint8 RGB -> 3xHxW float32 by the runtime's image contract (rtkit.runtime.image);
+    for [-1, 1] bit-identical to insightface's ``(x / 255 - 0.5) / 0.5``."""
+    return preprocess(rgb, spec)
 
 
 # -- opening a recognizer ----------------------------------------------------------------------

@@ -50,7 +50,8 @@ def _template_warp(img: np.ndarray, src_alignment: str, dst_alignment: str,
 
 
 def preprocess(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """HxWx3 uint8 RGB -> 3xHxW float32 in the spec's range, channel order and size.
+    """HxWx3 uint8 RGB -> 3xHxW float32 in the spec's range, channel order and size: the one
+    spec -> model-input conversion of the CPU path (conversion, embedding for evaluation).
 
     Resize policy "warp" re-aligns the (ArcFace-aligned) source to the model's template, e.g.
     to FFHQ-512 for CodeFormer, where a plain resize would give a face ~28% too large.
@@ -62,10 +63,16 @@ def preprocess(rgb: np.ndarray, spec: ModelSpec) -> np.ndarray:
         img = _resize(rgb, hw)
     if spec.channels == "BGR":
         img = img[:, :, ::-1]
+    x = np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32)
     lo, hi = spec.value_range
-    x = img.transpose(2, 0, 1).astype(np.float32)
-    x *= (hi - lo) / 255.0
-    x += lo
+    # x / 255 first: for [-1, 1] this is bit-identical to insightface's (x / 255 - 0.5) / 0.5,
+    # so embeddings equal the reference implementations' on the same crops.
+    if (lo, hi) == (0.0, 255.0):
+        return x
+    x /= np.float32(255.0)
+    if (lo, hi) != (0.0, 1.0):
+        x *= np.float32(hi - lo)
+        x += np.float32(lo)
     return x
 
 
