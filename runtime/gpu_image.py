@@ -227,9 +227,14 @@ def preprocess_batch(frames: torch.Tensor, spec: ModelSpec, *, dtype: torch.dtyp
     if spec.channels == "BGR":
         x = x.flip(1)
     lo, hi = spec.value_range
-    # float32 arithmetic in the OpenCV path's order, then one cast: bit-identical fp32 inputs
-    # wherever the geometry matched.
-    x = (x.float() * ((hi - lo) / 255.0)).add_(lo).to(dtype)
+    # float32 arithmetic in the CPU path's order (x / 255, then the range), then one cast:
+    # bit-identical fp32 inputs wherever the geometry matched.
+    x = x.float()
+    if (lo, hi) != (0.0, 255.0):
+        x = x / 255.0
+        if (lo, hi) != (0.0, 1.0):
+            x = x.mul_(hi - lo).add_(lo)
+    x = x.to(dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return x.contiguous(memory_format=fmt)
 
