@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 
 from rtkit.engines.errors import EngineError, RtkitError

@@ -140,3 +140,14 @@ def resolve_model(model_or_name: nn.Module | str | Path, checkpoint: str | Path 
     model = registry.create(name, checkpoint=checkpoint, **(overrides or {}))
     ckpt = checkpoint if checkpoint is not None else entry.default_checkpoint
     return model, name, (file_sha256(ckpt) if ckpt else None)
+
+
+def batch_profile(batch) -> dict[str, int]:
+    """(min, opt, max) or a dict of them -> {"min", "opt", "max"}, validated."""
+    if isinstance(batch, dict):
+        b = (batch["min"], batch["opt"], batch["max"])
+    else:
+        b = tuple(int(v) for v in batch)
+    if len(b) != 3 or not (1 <= b[0] <= b[1] <= b[2]):
+        raise EngineError(f"batch profile must be min:opt:max with 1 <= min <= opt <= max, got {b}")
+    return {"min": b[0], "opt": b[1], "max": b[2]}

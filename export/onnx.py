@@ -65,7 +65,7 @@ from torch import nn
 from rtkit.engines.errors import EngineError, optional_import
 from rtkit.engines.card import METADATA_KEY, EngineCard, Part, build_info, write_card
 from rtkit.engines.spec import ModelSpec
-from rtkit.export.graph import (DEFAULT_SIDE, EXPORT_BATCH, INPUT_NAME, ExportGraph,  # noqa: F401
+from rtkit.export.graph import (DEFAULT_SIDE, batch_profile, EXPORT_BATCH, INPUT_NAME, ExportGraph,  # noqa: F401
                                 default_export_inputs, default_image_size, example_input, export_graph,
                                 export_inputs, export_spec, export_target, output_name_for, resolve_model)
 
@@ -97,16 +97,6 @@ def _check_traceable(target: nn.Module, extra_names: list[str], name: str) -> No
         raise EngineError(f"{name}: forward takes {', '.join(numeric)} as Python numbers, which "
                           f"tracing would bake into the graph; the model needs export_module() "
                           f"(e.g. one sampling step with tensor inputs; see rtkit.export.onnx)")
-
-
-def _batch_profile(batch) -> dict[str, int]:
-    if isinstance(batch, dict):
-        b = (batch["min"], batch["opt"], batch["max"])
-    else:
-        b = tuple(int(v) for v in batch)
-    if len(b) != 3 or not (1 <= b[0] <= b[1] <= b[2]):
-        raise EngineError(f"batch profile must be min:opt:max with 1 <= min <= opt <= max, got {b}")
-    return {"min": b[0], "opt": b[1], "max": b[2]}
 
 
 def _dynamic_axes(model: nn.Module, inputs: dict[str, torch.Tensor], out_name: str) -> dict:
@@ -387,7 +377,7 @@ def to_onnx(model_or_name: nn.Module | str, out_path: str | Path, *,
     """
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    profile = _batch_profile(batch)
+    profile = batch_profile(batch)
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise EngineError(f"ONNX output must end in .onnx, got {out_path}")

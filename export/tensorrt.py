@@ -90,13 +90,14 @@ def to_plan(onnx_path: str | Path, plan_path: str | Path, *, batch=None, precisi
     parity: run the plan against ONNX Runtime on the source ONNX (``check_plan_parity``); on
         failure the plan is removed and EngineError says by how much.
     """
-    from rtkit.export.onnx import PRECISIONS, _batch_profile, default_image_size
+    from rtkit.export.graph import batch_profile, default_image_size
+    from rtkit.export.onnx import PRECISIONS
 
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if plan_path.suffix not in PLAN_SUFFIXES:
         raise EngineError(f"plan output must end in one of {PLAN_SUFFIXES}, got {plan_path}")
     meta = _validated_onnx_meta(onnx_path)
-    profile = _batch_profile(batch if batch is not None else meta.batch)
+    profile = batch_profile(batch if batch is not None else meta.batch)
     precision = precision or meta.precision
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")

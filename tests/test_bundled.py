@@ -11,7 +11,7 @@ from rtkit.engines.checkpoint import file_sha256
 from rtkit.engines.render2photo import BUNDLED_ONNX, BUNDLED_WEIGHTS
 from rtkit.engines.card import read_card
 from rtkit.runtime import open_engine
-from rtkit.train.demo_translator import DemoTranslatorConfig, _pairs, style_gap, train_demo_translator
+from rtkit.train.demo_translator import DemoTranslatorConfig, render_pairs, style_gap, train_demo_translator
 
 HELD_OUT = range(200, 206)  # far from the 56 identities the recipe trains and validates on
 
@@ -20,7 +20,7 @@ def test_shipped_onnx_is_the_shipped_weights():
     meta = read_card(BUNDLED_ONNX)
     assert meta.model == "render2photo" and meta.spec.alignment == "arcface112"
     assert meta.checkpoint_sha256 == file_sha256(BUNDLED_WEIGHTS)
-    src, _ = _pairs(HELD_OUT[:2], 4, seed=0)
+    src, _ = render_pairs(HELD_OUT[:2], 4, seed=0)
     with open_engine(BUNDLED_ONNX) as onnx_runner, open_engine("render2photo") as torch_runner:
         a = onnx_runner.infer(src.numpy())
         b = torch_runner.infer(src.numpy())
@@ -28,7 +28,7 @@ def test_shipped_onnx_is_the_shipped_weights():
 
 
 def test_bundled_engine_moves_unseen_renders_toward_photos():
-    src, photo = _pairs(HELD_OUT, 4, seed=0)
+    src, photo = render_pairs(HELD_OUT, 4, seed=0)
     with torch.no_grad():
         out = create("render2photo")(src)
     before, after = style_gap(src, photo), style_gap(out, photo)

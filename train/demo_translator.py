@@ -34,7 +34,7 @@ class DemoTranslatorConfig:
     data_seed: int = 0            # seed of the sample world
 
 
-def _pairs(ids, per_identity, seed):
+def render_pairs(ids, per_identity, seed):
     from rtkit.datasets.sample import render_pair
 
     src, dst = [], []
@@ -66,9 +66,9 @@ def train_demo_translator(out_dir: str | Path, cfg: DemoTranslatorConfig | None 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    src, dst = _pairs(range(cfg.identities), cfg.per_identity, cfg.data_seed)
+    src, dst = render_pairs(range(cfg.identities), cfg.per_identity, cfg.data_seed)
     held = range(cfg.identities, cfg.identities + cfg.heldout_identities)
-    hsrc, hdst = _pairs(held, cfg.per_identity, cfg.data_seed)
+    hsrc, hdst = render_pairs(held, cfg.per_identity, cfg.data_seed)
     log(f"pairs: {len(src)} train, {len(hsrc)} held out ({time.perf_counter() - t0:.1f} s)")
 
     model = create("render2photo", pretrained=False).train()
