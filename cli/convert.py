@@ -5,7 +5,7 @@ import sys
 
 import click
 
-from rtkit.cli.common import engine_options, parse_extra, size_option, user_errors
+from rtkit.cli.common import engine_options, parse_extra, random_weights_option, size_option, user_errors
 from rtkit.engines.errors import RtkitError
 
 
@@ -74,9 +74,19 @@ skipped. --shard i/n splits the sorted file list so n processes/GPUs/machines sh
 a dataset without coordination.
 
 \b
+Safety: OUT may not be SRC, contain SRC or link into it (OUT inside SRC is skipped by the
+walk); one run at a time holds OUT (a second is told who holds it), and a new run starts only
+once every process of a killed one has exited. Each row records its source's size, mtime,
+ctime and sha256 and its output's sha256, size and mtime: a changed source, a lost or damaged
+output, or an output of other settings is redone, never reported done. Output-name
+collisions (a/x.png and a/x.jpg) are refused before any work. A full or read-only output
+folder stops the run with one line; nothing untried is marked failed.
+
+\b
 Exit codes: 0 everything converted; 1 user error (bad path, engine, option);
 2 finished, but some files failed (see the summary and the manifest);
-3 stopped early because failures exceeded --max-failures.
+3 stopped early because failures exceeded --max-failures; 130 / 143 stopped by Ctrl-C /
+SIGTERM (finished files are kept).
 
 \b
 Examples:
@@ -93,6 +103,7 @@ Examples:
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @engine_options
+@random_weights_option
 @click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp"]), default="png",
               show_default=True, help="Output image format.")
 @click.option("--quality", type=click.IntRange(1, 100), default=95, show_default=True,
@@ -125,6 +136,9 @@ Examples:
               "(default: this machine's cores).")
 @click.option("--ray-actors", type=click.IntRange(min=1), help="--executor ray: runner actors (default: "
               "one per GPU of the cluster with --device cuda, else one per CPU).")
+@click.option("--source", type=click.Choice(["cpu", "dali"]), default="cpu", show_default=True,
+              help="Image decoding: cpu (threads or conversion processes) or dali (nvidia-dali, extra "
+              "'dali': JPEG on the GPU with --device cuda, PNG on DALI's CPU threads; threaded pipeline).")
 @click.option("--shard", callback=_shard, metavar="I/N", help="Convert only shard I of N (0-based).")
 @click.option("--max-failures", type=click.IntRange(min=0),
               help="Stop (exit 3) once more files than this have failed in this run.")
@@ -136,17 +150,17 @@ Examples:
               "sheet PNG of converted images.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
-def main(src, out, engine, checkpoint, device, backend, precision, fmt, quality, size, batch_size,
+def main(src, out, engine, checkpoint, device, backend, precision, random_weights, fmt, quality, size, batch_size,
          decode_workers, encode_workers, infer_workers, runner_threads, processes, devices, executor,
-         ray_address, ray_cpus, ray_actors, shard, max_failures, extra, retry_failed, restart, sheet, quiet):
+         ray_address, ray_cpus, ray_actors, source, shard, max_failures, extra, retry_failed, restart, sheet, quiet):
     """Convert every image under SRC through a translator ENGINE into OUT."""
     from rtkit.runtime.converter import convert
 
     summary = convert(engine, src, out, device=device, backend=backend, checkpoint=checkpoint,
                       precision=precision, extra=parse_extra(extra), runner_threads=runner_threads,
-                      infer_workers=infer_workers, processes=processes,
+                      infer_workers=infer_workers, processes=processes, random_weights=random_weights,
                       devices=_cuda_devices(devices), executor=executor, ray_address=ray_address,
-                      ray_cpus=ray_cpus, ray_actors=ray_actors,
+                      ray_cpus=ray_cpus, ray_actors=ray_actors, source=source,
                       fmt=fmt, quality=quality, size=size, batch_size=batch_size,
                       decode_workers=decode_workers, encode_workers=encode_workers, shard=shard,
                       max_failures=max_failures, retry_failed=retry_failed, restart=restart,

@@ -30,6 +30,20 @@ def default_workers() -> int:
     return max(1, min(16, cores))
 
 
+SOURCES = ("cpu", "dali")
+
+
+def make_source(name: str, src: Path, device: str, batch_size: int):
+    """The Source behind ``--source``: CPU decode, or DALI (on the GPU when ``device`` is CUDA,
+    CPU-only otherwise)."""
+    if name == "dali":
+        from rtkit.runtime.dali_source import DaliSource
+
+        return DaliSource(os.fspath(src), device=device if str(device).startswith("cuda") else "cpu",
+                          batch_size=batch_size)
+    return CpuSource(os.fspath(src))
+
+
 def _is_onnx(engine, backend) -> bool:
     return (not isinstance(engine, Runner)
             and (backend in ("onnxruntime", "ort", "onnx") or str(engine).endswith(".onnx")))
@@ -41,7 +55,8 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
             runner_threads: int | None = None, infer_workers: int | None = None,
             processes: int | None = None, devices: list[str] | None = None,
             executor: str = "local", ray_address: str | None = None, ray_cpus: int | None = None,
-            ray_actors: int | None = None, random_weights: bool = False, **options) -> Summary:
+            ray_actors: int | None = None, random_weights: bool = False, source: str = "cpu",
+            **options) -> Summary:
     """Convert every image under ``src`` into ``out`` through ``engine`` (see rt-convert --help).
 
     An ONNX engine on CPU runs by default as one conversion process per core, each decoding,
@@ -50,7 +65,9 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
     ``processes=0`` (or explicit thread options) selects the threaded pipeline, which GPUs,
     TensorRT and torch engines use. ``devices`` runs one worker process per device.
     ``executor="ray"`` runs one runner actor per GPU (or CPU) of a Ray cluster instead: the one at
-    ``ray_address``, else a local one of ``ray_cpus`` CPUs.
+    ``ray_address``, else a local one of ``ray_cpus`` CPUs. ``source``: "cpu" (decode threads or
+    processes) or "dali" (nvidia-dali: JPEG on the GPU, PNG on DALI's CPU threads; the threaded
+    pipeline).
     """
     t_start = time.perf_counter()
     cpu_onnx = str(device) == "cpu" and _is_onnx(engine, backend)
@@ -69,6 +86,13 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
             raise RtkitError("--devices needs an engine path or name, not an open runner")
         if processes:
             raise RtkitError("--devices and --processes are exclusive: one worker runs per device")
+    if source not in SOURCES:
+        raise RtkitError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source != "cpu":
+        if processes or devices or kind == "ray":
+            raise RtkitError(f"--source {source} runs in the threaded pipeline (no --processes, --devices "
+                             f"or --executor ray)")
+        processes = 0
     if processes is None:
         processes = default_workers() if cpu_onnx and runner_threads is None and infer_workers is None else 0
     if processes < 0:
@@ -124,8 +148,9 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
         if executor is None:
             from rtkit.runtime.executors import ThreadExecutor
 
-            executor = ThreadExecutor(runner, CpuSource(os.fspath(src)), opts)
-        return run_job(runner, src, out, opts, executor, t_start=t_start, executor_name=executor.name)
+            executor = ThreadExecutor(runner, make_source(source, src, device, opts.batch_size), opts)
+        return run_job(runner, src, out, opts, executor, t_start=t_start, executor_name=executor.name,
+                       source_name=getattr(getattr(executor, "source", None), "name", "cpu"))
     finally:
         if executor is not None:
             executor.close()

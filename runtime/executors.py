@@ -14,7 +14,7 @@ import time
 from rtkit.engines.spec import ModelSpec
 from rtkit.runtime.job import ConvertOptions, Recorder, StageClock
 from rtkit.runtime.runners import Runner
-from rtkit.runtime.stages import CpuSource, WorkItem, encode_batch, infer_batch, prepare_batch
+from rtkit.runtime.stages import WorkItem, encode_batch, infer_batch, prepare_batch
 
 _DONE = object()  # queue sentinel
 
@@ -34,13 +34,15 @@ class ThreadExecutor:
         return {"decode": o.decode_workers, "infer": o.infer_workers, "encode": o.encode_workers}
 
     def close(self) -> None:
-        pass
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
 
     def run(self, todo: list[WorkItem], rec: Recorder, clock: StageClock) -> None:
         run_threads(self.runner, self.runner.spec, self.source, todo, self.opts, rec, clock)
 
 
-def run_threads(runner: Runner, spec: ModelSpec, source: CpuSource, todo: list[WorkItem],
+def run_threads(runner: Runner, spec: ModelSpec, source, todo: list[WorkItem],
                 opts: ConvertOptions, rec: Recorder, clock: StageClock) -> None:
     bs = opts.batch_size
     task_q: queue.Queue = queue.Queue()
@@ -49,25 +51,44 @@ def run_threads(runner: Runner, spec: ModelSpec, source: CpuSource, todo: list[W
     encode_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
     result_q: queue.Queue = queue.Queue()
     stop = rec.stop
+    errors: list[BaseException] = []
     for i in range(0, len(todo), bs):
         task_q.put(todo[i:i + bs])
     for _ in range(opts.decode_workers):
         task_q.put(_DONE)
 
+    def hand_on(ok, images, failed, t0):
+        ready, bad = prepare_batch(ok, list(images), spec, opts.size)
+        clock.add("decode", time.perf_counter() - t0)
+        if failed or bad:
+            result_q.put(([], failed + bad, None))
+        if ready:
+            decoded_q.put(ready)
+
     def decode_worker():
+        """Sources that decode a chunk on the calling thread (CPU): several such threads."""
         while not stop.is_set():
             chunk = task_q.get()
             if chunk is _DONE:
                 break
             t0 = time.perf_counter()
-            ok, images, failed = source.decode(chunk)
-            ready, bad = prepare_batch(ok, images, spec, opts.size)
-            clock.add("decode", time.perf_counter() - t0)
-            if failed or bad:
-                result_q.put(([], failed + bad, None))
-            if ready:
-                decoded_q.put(ready)
+            hand_on(*source.decode(chunk), t0)
         decoded_q.put(_DONE)
+
+    def batch_feeder():
+        """Sources with a pipeline of their own (DALI): one thread draws their batches."""
+        t0 = time.perf_counter()
+        try:
+            for ok, images, failed in source.batches(todo, spec, opts.size, bs):
+                if stop.is_set():
+                    break
+                hand_on(ok, images, failed, t0)
+                t0 = time.perf_counter()
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+        finally:
+            decoded_q.put(_DONE)
 
     made_dirs: set[str] = set()
     folder_error = threading.Event()
@@ -87,8 +108,6 @@ def run_threads(runner: Runner, spec: ModelSpec, source: CpuSource, todo: list[W
                 folder_error.set()
                 stop.set()
 
-    errors: list[BaseException] = []
-
     def infer_worker():
         while True:
             items = batch_q.get()
@@ -106,8 +125,11 @@ def run_threads(runner: Runner, spec: ModelSpec, source: CpuSource, todo: list[W
             clock.add("infer", time.perf_counter() - t0)
             encode_q.put((items, y))
 
-    decoders = [threading.Thread(target=decode_worker, daemon=True, name=f"decode-{i}")
-                for i in range(opts.decode_workers)]
+    if hasattr(source, "decode"):
+        decoders = [threading.Thread(target=decode_worker, daemon=True, name=f"decode-{i}")
+                    for i in range(opts.decode_workers)]
+    else:
+        decoders = [threading.Thread(target=batch_feeder, daemon=True, name="source")]
     inferers = [threading.Thread(target=infer_worker, daemon=True, name=f"infer-{i}")
                 for i in range(opts.infer_workers)]
     encoders = [threading.Thread(target=encode_worker, daemon=True, name=f"encode-{i}")

@@ -188,3 +188,23 @@ def test_mixed_decoder_on_a_gpu(sample_root):
         assert failures == [] and isinstance(images, torch.Tensor) and images.device.type == "cuda"
         for it, img in zip(items, images):
             np.testing.assert_array_equal(img.cpu().numpy(), decode_image(sample_root / it.relpath))
+
+
+def test_rt_convert_with_the_dali_source_equals_the_cpu_source(sample_root, tmp_path):
+    """The converter through DALI (CPU-only here) writes the CPU source's bytes, records bad files
+    with their reasons and says which source ran."""
+    import shutil
+
+    from rtkit.engines.render2photo import BUNDLED_ONNX
+    from rtkit.runtime.converter import convert
+
+    src = tmp_path / "src"
+    shutil.copytree(sample_root, src)
+    (src / "0" / "empty.png").write_bytes(b"")
+    (src / "0" / "cut.png").write_bytes((src / "0" / "0.png").read_bytes()[:300])
+    a = convert(BUNDLED_ONNX, src, tmp_path / "cpu", progress=False, processes=0)
+    b = convert(BUNDLED_ONNX, src, tmp_path / "dali", progress=False, source="dali")
+    assert b.source == "dali" and a.source == "cpu"
+    assert b.converted == a.converted > 0 and b.failed == a.failed == 2
+    for p in (tmp_path / "cpu").rglob("*.png"):
+        assert p.read_bytes() == (tmp_path / "dali" / p.relative_to(tmp_path / "cpu")).read_bytes()
