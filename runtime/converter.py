@@ -56,7 +56,7 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
             processes: int | None = None, devices: list[str] | None = None,
             executor: str = "local", ray_address: str | None = None, ray_cpus: int | None = None,
             ray_actors: int | None = None, random_weights: bool = False, source: str = "cpu",
-            **options) -> Summary:
+            image_ops: str | None = None, **options) -> Summary:
     """Convert every image under ``src`` into ``out`` through ``engine`` (see rt-convert --help).
 
     An ONNX engine on CPU runs by default as one conversion process per core, each decoding,
@@ -67,7 +67,8 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
     ``executor="ray"`` runs one runner actor per GPU (or CPU) of a Ray cluster instead: the one at
     ``ray_address``, else a local one of ``ray_cpus`` CPUs. ``source``: "cpu" (decode threads or
     processes) or "dali" (nvidia-dali: JPEG on the GPU, PNG on DALI's CPU threads; the threaded
-    pipeline).
+    pipeline). ``image_ops``: "cv2" (OpenCV on CPU threads) or "torch" (batched torch on the
+    runner's device: uint8 copies only); default torch on CUDA, cv2 otherwise.
     """
     t_start = time.perf_counter()
     cpu_onnx = str(device) == "cpu" and _is_onnx(engine, backend)
@@ -86,6 +87,15 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
             raise RtkitError("--devices needs an engine path or name, not an open runner")
         if processes:
             raise RtkitError("--devices and --processes are exclusive: one worker runs per device")
+    if image_ops is None:
+        image_ops = "torch" if str(device).startswith("cuda") else "cv2"
+    if image_ops not in ("cv2", "torch"):
+        raise RtkitError(f"--image-ops must be cv2 or torch, got {image_ops!r}")
+    if image_ops == "torch" and (processes or devices or kind == "ray"):
+        raise RtkitError("--image-ops torch runs in the threaded pipeline (no --processes, --devices or "
+                         "--executor ray)")
+    if image_ops == "torch":
+        processes = 0
     if source not in SOURCES:
         raise RtkitError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
     if source != "cpu":
@@ -148,9 +158,13 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
         if executor is None:
             from rtkit.runtime.executors import ThreadExecutor
 
-            executor = ThreadExecutor(runner, make_source(source, src, device, opts.batch_size), opts)
+            from rtkit.runtime.stages import TorchImageOps
+
+            ops = TorchImageOps(device) if image_ops == "torch" else None
+            executor = ThreadExecutor(runner, make_source(source, src, device, opts.batch_size), opts, ops)
         return run_job(runner, src, out, opts, executor, t_start=t_start, executor_name=executor.name,
-                       source_name=getattr(getattr(executor, "source", None), "name", "cpu"))
+                       source_name=getattr(getattr(executor, "source", None), "name", "cpu")
+                       + (", image ops torch" if image_ops == "torch" else ""))
     finally:
         if executor is not None:
             executor.close()

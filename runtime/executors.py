@@ -26,8 +26,8 @@ class ThreadExecutor:
 
     name = "threads"
 
-    def __init__(self, runner: Runner, source, opts: ConvertOptions):
-        self.runner, self.source, self.opts = runner, source, opts
+    def __init__(self, runner: Runner, source, opts: ConvertOptions, image_ops=None):
+        self.runner, self.source, self.opts, self.image_ops = runner, source, opts, image_ops
 
     def workers(self) -> dict[str, int]:
         o = self.opts
@@ -39,11 +39,11 @@ class ThreadExecutor:
             close()
 
     def run(self, todo: list[WorkItem], rec: Recorder, clock: StageClock) -> None:
-        run_threads(self.runner, self.runner.spec, self.source, todo, self.opts, rec, clock)
+        run_threads(self.runner, self.runner.spec, self.source, todo, self.opts, rec, clock, self.image_ops)
 
 
 def run_threads(runner: Runner, spec: ModelSpec, source, todo: list[WorkItem],
-                opts: ConvertOptions, rec: Recorder, clock: StageClock) -> None:
+                opts: ConvertOptions, rec: Recorder, clock: StageClock, image_ops=None) -> None:
     bs = opts.batch_size
     task_q: queue.Queue = queue.Queue()
     decoded_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
@@ -58,7 +58,7 @@ def run_threads(runner: Runner, spec: ModelSpec, source, todo: list[WorkItem],
         task_q.put(_DONE)
 
     def hand_on(ok, images, failed, t0):
-        ready, bad = prepare_batch(ok, list(images), spec, opts.size)
+        ready, bad = prepare_batch(ok, list(images), spec, opts.size, image_ops)
         clock.add("decode", time.perf_counter() - t0)
         if failed or bad:
             result_q.put(([], failed + bad, None))
@@ -101,7 +101,7 @@ def run_threads(runner: Runner, spec: ModelSpec, source, todo: list[WorkItem],
             if folder_error.is_set():
                 continue  # the output folder is full or read-only: write nothing more
             t0 = time.perf_counter()
-            result = encode_batch(*job, spec, opts.fmt, opts.quality, made_dirs)
+            result = encode_batch(*job, spec, opts.fmt, opts.quality, made_dirs, image_ops)
             clock.add("encode", time.perf_counter() - t0)
             result_q.put(result)
             if result[2]:
