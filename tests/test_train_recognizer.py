@@ -41,6 +41,16 @@ TRAIN_IDS, HELDOUT_IDS, PER_ID = 20, 10, 8
 STEPS, RESUME_AT = 80, 37          # 5 steps per epoch: the resume point is mid-epoch
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: as fast for these tiny networks on an idle machine, and 10-40x faster
+    when other processes share the two cores (OpenMP threads then wait for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory):
     """Sample faces: identities 0-19 for training, 20-29 held out for verification."""
@@ -230,7 +240,7 @@ def test_max_steps_scales_the_schedule_and_sizes_are_checked(sample_data, tmp_pa
         RecognizerTrainer(_config([sample_data / "train"], image_size=56), tmp_path / "bad", log=None)
     res = CliRunner().invoke(__import__("rtkit.cli.train", fromlist=["main"]).main,
                              ["recognizer", "--data", str(sample_data / "train"), "--out", str(tmp_path / "c"),
-                              "--image-size", "56", "--device", "cpu"])
+                              "--image-size", "56", "--device", "cpu", "--threads", "1"])
     assert res.exit_code == 1 and "multiple of 16" in res.output and "Traceback" not in res.output
 
 
@@ -257,7 +267,7 @@ def test_truncated_jpeg_is_skipped_and_reported(sample_data, tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["recognizer", "--data", str(data), "--out", str(out), "--backbone", "adaface_tiny",
                                     "--image-size", str(SIZE), "--batch-size", "8", "--max-steps", "2",
-                                    "--workers", "0", "--device", "cpu", "--no-progress", "--no-augment"])
+                                    "--workers", "0", "--device", "cpu", "--no-progress", "--no-augment", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert f"skipping unreadable training image {bad}" in res.output and "truncated JPEG" in res.output
     assert "skipped 1 unreadable image(s)" in res.output
@@ -412,7 +422,7 @@ def test_cli_help_and_refusal_to_overwrite_a_run(trained, sample_data):
     for opt in ("--data", "--same-identities", "--backbone", "--head", "--resume", "--val-bin", "--max-steps"):
         assert opt in res.output
     res = runner.invoke(main, ["recognizer", "--data", str(sample_data / "train"), "--out", str(trained["out"]),
-                               "--backbone", "adaface_tiny", "--device", "cpu"])
+                               "--backbone", "adaface_tiny", "--device", "cpu", "--threads", "1"])
     assert res.exit_code == 1 and "already has checkpoints" in res.output
 
 
