@@ -56,7 +56,7 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
             processes: int | None = None, devices: list[str] | None = None,
             executor: str = "local", ray_address: str | None = None, ray_cpus: int | None = None,
             ray_actors: int | None = None, random_weights: bool = False, source: str = "cpu",
-            image_ops: str | None = None, **options) -> Summary:
+            image_ops: str | None = None, compile: bool = False, **options) -> Summary:
     """Convert every image under ``src`` into ``out`` through ``engine`` (see rt-convert --help).
 
     An ONNX engine on CPU runs by default as one conversion process per core, each decoding,
@@ -136,6 +136,8 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
     engine_args = dict(engine=engine, device=device, backend=backend, checkpoint=checkpoint,
                        precision=precision, extra=extra, threads=runner_threads,
                        random_weights=random_weights)
+    if compile:  # torch.compile, one graph for the job: every batch padded to the batch size
+        engine_args.update(compile=True, pad_to=opts.batch_size)
     lock = OutputLock(manifest_path(out, opts.shard))
     executor = None
     runner = None

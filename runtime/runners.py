@@ -104,7 +104,7 @@ class TorchRunner(Runner):
 
     def __init__(self, model: torch.nn.Module, *, device: str = "cpu", precision: str = "fp32",
                  extra: dict | None = None, checkpoint_sha256: str | None = None,
-                 card: EngineCard | None = None):
+                 card: EngineCard | None = None, compile: bool = False, pad_to: int | None = None):
         import torch
 
         from rtkit.engines.card import card_for_module
@@ -118,6 +118,14 @@ class TorchRunner(Runner):
         self.device = torch.device(device)
         self.dtype = _torch_dtype(precision)
         self.model = model.to(self.device, self.dtype).eval()
+        # Convolutions on CUDA run fastest in NHWC; on the CPU the default layout is as fast.
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.preserve_format
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        # A compiled graph is specialised to its batch shape: pad every batch to ``pad_to`` so the
+        # last, shorter batch of a job does not trigger a recompile.
+        self.pad_to = pad_to
+        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
         # A pipeline model (UNSB, DDIM) runs as its parts and loop, exactly as its exported
         # engines do, so keys seed each sample the same way on every backend.
         entry = _registered(getattr(model, "registry_name", ""))
@@ -138,15 +146,18 @@ class TorchRunner(Runner):
             as_numpy = isinstance(batch, np.ndarray)
             x = torch.from_numpy(batch) if as_numpy else batch
             out_dtype = x.dtype
-            x = x.to(self.device, self.dtype, non_blocking=True)
+            x = x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
+            n = x.shape[0]
+            if self.pad_to and n < self.pad_to:
+                x = torch.cat([x, x[-1:].expand(self.pad_to - n, *x.shape[1:])])
             kwargs = {k: v for k, v in {**self.extra, **values}.items() if v is not None}
             for k, v in kwargs.items():
                 if isinstance(v, torch.Tensor):
                     kwargs[k] = v.to(self.device)
-            y = self.model(x, **kwargs) if kwargs else self.model(x)
+            y = self._forward(x, **kwargs) if kwargs else self._forward(x)
             if isinstance(y, (tuple, list)):
                 y = y[0]
-            y = y.to(out_dtype)
+            y = y[:n].to(out_dtype)
             return y.cpu().numpy() if as_numpy else y
 
 
@@ -378,7 +389,8 @@ def _backend_for(path: Path, backend: str | None) -> str:
 
 
 def _open_file(path: Path, kind: str, *, card: EngineCard | None, device: str, precision: str,
-               threads: int | None, extra: dict | None = None) -> Runner:
+               threads: int | None, extra: dict | None = None, compile: bool = False,
+               pad_to: int | None = None) -> Runner:
     """A runner over one engine or weights file."""
     _need_file(path)
     if kind == "onnxruntime":
@@ -391,7 +403,7 @@ def _open_file(path: Path, kind: str, *, card: EngineCard | None, device: str, p
     card = card or read_card(path)
     model = registry.create(card.model, checkpoint=path, **card.overrides)
     return TorchRunner(model, device=device, precision=precision, extra=extra,
-                       checkpoint_sha256=file_sha256(path), card=card)
+                       checkpoint_sha256=file_sha256(path), card=card, compile=compile, pad_to=pad_to)
 
 
 def _torch_pipeline(model, entry, card: EngineCard, *, device, precision, extra, sha) -> Runner:
@@ -415,11 +427,12 @@ def _torch_pipeline(model, entry, card: EngineCard, *, device, precision, extra,
 def open_engine(engine: str | Path, *, device: str = "cpu", backend: str | None = None,
                 checkpoint: str | Path | None = None, precision: str = "fp32",
                 extra: dict | None = None, threads: int | None = None,
-                random_weights: bool = False) -> Runner:
+                random_weights: bool = False, compile: bool = False, pad_to: int | None = None) -> Runner:
     """Open a runner for an engine by its path alone: an .onnx / .plan engine, a pipeline card
     (.json, or a folder holding engine.json), a checkpoint with its card beside it, or a
     registered model name (with ``checkpoint``, else its bundled weights; a model without either
-    needs ``random_weights=True``)."""
+    needs ``random_weights=True``). Torch engines: ``compile`` runs the module through
+    torch.compile, with every batch padded to ``pad_to`` so one graph serves the whole job."""
     p = Path(engine)
     if p.is_dir() or is_card_file(p):
         card = read_card(p)
@@ -439,12 +452,13 @@ def open_engine(engine: str | Path, *, device: str = "cpu", backend: str | None 
             return _open_pipeline(legacy, p.parent, kind, device=device, precision=precision,
                                   threads=threads, extra=extra, files={"step": p})
         return _open_file(p, kind, card=card, device=device, precision=precision, threads=threads,
-                          extra=extra)
+                          extra=extra, compile=compile, pad_to=pad_to)
     return _open_registered(str(engine), checkpoint, device=device, precision=precision, extra=extra,
-                            random_weights=random_weights, backend=backend)
+                            random_weights=random_weights, backend=backend, compile=compile, pad_to=pad_to)
 
 
-def _open_registered(name: str, checkpoint, *, device, precision, extra, random_weights, backend) -> Runner:
+def _open_registered(name: str, checkpoint, *, device, precision, extra, random_weights, backend,
+                     compile=False, pad_to=None) -> Runner:
     from rtkit.engines import registry
     from rtkit.engines.checkpoint import file_sha256
 
@@ -461,7 +475,8 @@ def _open_registered(name: str, checkpoint, *, device, precision, extra, random_
                          f"or --random-weights to run it with random weights (timing only)")
     model = registry.create(name, checkpoint=checkpoint)
     sha = file_sha256(ck) if ck else None
-    return TorchRunner(model, device=device, precision=precision, extra=extra, checkpoint_sha256=sha)
+    return TorchRunner(model, device=device, precision=precision, extra=extra, checkpoint_sha256=sha,
+                       compile=compile, pad_to=pad_to)
 
 
 def _open_pipeline(card: EngineCard, root: Path, backend: str | None, *, device, precision, threads,

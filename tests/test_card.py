@@ -99,3 +99,15 @@ def test_a_model_card_for_an_unknown_model_is_one_line(tmp_path):
                                                   "input": {"size": [8, 8], "range": [-1, 1], "channels": "RGB"}}))
     with pytest.raises(Exception, match="nope"):
         open_engine(tmp_path / "w.pth")
+
+
+def test_torch_runner_pads_the_last_batch_without_changing_results():
+    """Padding to a fixed batch (what a compiled or graph-captured runner needs) changes nothing."""
+    from rtkit.runtime.runners import TorchRunner
+
+    torch.manual_seed(0)
+    model = create("cut_tiny", pretrained=False)
+    x = np.random.default_rng(1).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+    plain = TorchRunner(model).infer(x)
+    padded = TorchRunner(model, pad_to=8).infer(x)
+    assert padded.shape == plain.shape and np.abs(padded - plain).max() < 1e-5
