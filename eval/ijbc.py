@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,12 +212,14 @@ def load_aligned(meta: IJBMeta, i: int) -> np.ndarray:
 # -- features, templates, scores ---------------------------------------------------------------
 
 def image_features(views: np.ndarray, faceness: np.ndarray | None = None, *,
-                   norm_weight: bool = True, faceness_weight: bool = True) -> np.ndarray:
+                   norm_weight: bool = True, faceness_weight: bool = True,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """(V, N, D) per-view embeddings -> (N, D) float32 image features.
 
     Views are summed (flip fusion). ``norm_weight`` keeps the feature norm as the image's
     weight in its template (insightface's default); off, features are unit vectors.
-    ``faceness_weight`` multiplies by the detector score.
+    ``faceness_weight`` multiplies by the detector score. ``out`` (float32, (N, D)) receives
+    the features and may be ``views[0]`` when the views are not needed afterwards.
     """
     views = np.asarray(views, dtype=np.float32)
     if faceness_weight:
@@ -224,7 +227,7 @@ def image_features(views: np.ndarray, faceness: np.ndarray | None = None, *,
             raise ValueError("faceness_weight needs the faceness scores")
         weight = np.asarray(faceness, dtype=np.float32)[:, np.newaxis]
     n = views.shape[1]
-    feats = np.empty(views.shape[1:], dtype=np.float32)
+    feats = np.empty(views.shape[1:], dtype=np.float32) if out is None else out
     # Blocks of rows keep the temporaries small and in cache; each row gets the official
     # float32 operations (views summed, optionally / its norm, then * faceness).
     for lo in range(0, n, 8192):
@@ -241,22 +244,33 @@ def image_features(views: np.ndarray, faceness: np.ndarray | None = None, *,
     return feats
 
 
-def _sequential_group_sum(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+def _sequential_group_sum(values: np.ndarray, group: np.ndarray, n_groups: int,
+                          block: int = 4096) -> np.ndarray:
     """Sum the rows of each group in row order, in the dtype of ``values``.
 
     Adds the k-th member of every group in step k, so the order of additions (and thus every
     float32 rounding) is that of a plain loop over each group, while each step is vectorised.
+    Steps go through reused buffers of ``block`` rows: large fresh temporaries cost more in
+    page faults than the additions themselves.
     """
     order = np.argsort(group, kind="stable")
     g = group[order]
     starts = np.r_[0, np.flatnonzero(np.diff(g)) + 1]
     rank = np.arange(g.size) - np.repeat(starts, np.diff(np.r_[starts, g.size]))
     by_rank = np.argsort(rank, kind="stable")
+    rows, targets = order[by_rank], g[by_rank]   # step by step: source row, its group
     bounds = np.r_[0, np.cumsum(np.bincount(rank))]
     out = np.zeros((n_groups, values.shape[1]), dtype=values.dtype)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        sel = by_rank[lo:hi]          # the k-th member of each group that has one
-        out[g[sel]] += values[order[sel]]
+    new = np.empty((min(block, g.size), values.shape[1]), dtype=values.dtype)
+    acc = np.empty_like(new)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # a step's groups are distinct
+        for s in range(lo, hi, block):
+            e = min(s + block, hi)
+            m = e - s
+            np.take(values, rows[s:e], axis=0, out=new[:m], mode="clip")
+            np.take(out, targets[s:e], axis=0, out=acc[:m], mode="clip")
+            np.add(acc[:m], new[:m], out=acc[:m])
+            out[targets[s:e]] = acc[:m]
     return out
 
 
@@ -354,6 +368,37 @@ def pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, t1: np.nda
     return scores
 
 
+def score_pairs(views: np.ndarray, faceness: np.ndarray, templates: np.ndarray,
+                medias: np.ndarray, t1: np.ndarray, t2: np.ndarray, *, norm_weight: bool = True,
+                faceness_weight: bool = True, reuse_views: bool = False,
+                timings: dict | None = None):
+    """Cached per-view embeddings -> (template ids, template vectors, pair scores): what
+    ``run_ijb`` computes between embedding and the ROC. With ``reuse_views`` the image
+    features are written over ``views[0]`` (when writable float32), sparing a copy of the
+    largest array. ``timings``, if given, receives the seconds of each stage."""
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        if timings is not None:
+            now = time.perf_counter()
+            timings[stage] = now - clock
+            clock = now
+
+    views = np.asarray(views)
+    reuse = (reuse_views and views.dtype == np.float32 and views.flags.writeable
+             and views.flags.c_contiguous)
+    feats = image_features(views, faceness, norm_weight=norm_weight,
+                           faceness_weight=faceness_weight, out=views[0] if reuse else None)
+    lap("image features")
+    template_ids, template_feats = template_features(feats, templates, medias)
+    del feats
+    lap("template pooling")
+    scores = pair_scores(template_ids, template_feats, t1, t2)
+    lap("pair scores")
+    return template_ids, template_feats, scores
+
+
 def evaluate_ijb_scores(labels, scores, targets=FMR_TARGETS):
     """(result dict, ROC curve for plotting): TAR@FMR under both conventions, AUC, ROC grid."""
     labels = np.asarray(labels)
@@ -379,12 +424,11 @@ def run_ijb(embedder, root: str | Path, dataset: str = "IJBC", *, flip: bool = T
     ``scores_out``: also save the pair scores (.npy), as the official script does.
     """
     meta = read_meta(root, dataset)
-    views = embed_ijb(embedder, meta, flip=flip)
-    feats = image_features(views, meta.faceness, norm_weight=norm_weight,
-                           faceness_weight=faceness_weight)
-    del views  # 2 x N x 512 float32 (1.9 GB for IJB-C): not needed past this point
-    template_ids, template_feats = template_features(feats, meta.templates, meta.medias)
-    scores = pair_scores(template_ids, template_feats, meta.pair_t1, meta.pair_t2)
+    views = embed_ijb(embedder, meta, flip=flip)  # a fresh array: its memory may be reused
+    template_ids, _, scores = score_pairs(views, meta.faceness, meta.templates, meta.medias,
+                                          meta.pair_t1, meta.pair_t2, norm_weight=norm_weight,
+                                          faceness_weight=faceness_weight, reuse_views=True)
+    del views
     if scores_out is not None:
         np.save(scores_out, scores)
     metrics, curve = evaluate_ijb_scores(meta.labels, scores)
@@ -418,4 +462,5 @@ def format_ijb(doc: dict) -> str:
 __all__ = ["DATASETS", "ARCFACE_TEMPLATE", "meta_paths", "read_face_tid_mid", "read_template_pairs",
            "read_landmarks", "IJBMeta", "read_meta", "align_face",
            "load_aligned", "image_features", "template_features", "template_index", "pair_scores",
+           "score_pairs",
            "evaluate_ijb_scores", "embed_ijb", "run_ijb", "format_ijb"]

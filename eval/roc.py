@@ -206,6 +206,10 @@ def farfrr(negatives, positives, threshold: float) -> tuple[float, float]:
         raise ValueError("farfrr needs both impostor and genuine scores")
     if np.isnan(threshold):
         return 1.0, 1.0
+    return _rates_at(neg, pos, threshold)
+
+
+def _rates_at(neg: np.ndarray, pos: np.ndarray, threshold: float) -> tuple[float, float]:
     return (int(np.count_nonzero(neg >= threshold)) / neg.size,
             int(np.count_nonzero(pos < threshold)) / pos.size)
 
@@ -221,7 +225,7 @@ def _bob_points(neg, pos, fps, thresholds, targets) -> dict[float, dict]:
     out = {}
     for t in targets:
         thr = _far_threshold_from_points(fps, thresholds, t)
-        far, frr = farfrr(neg, pos, thr)
+        far, frr = _rates_at(neg, pos, thr)  # the arrays were checked by the caller
         out[t] = {"threshold": thr, "fmr": far, "fnmr": frr, "tar": 1.0 - frr}
     return out
 
@@ -357,7 +361,7 @@ def evaluate_scores(labels, scores, targets=FMR_TARGETS, *, return_curve: bool =
     # The impostor runs of the joint sort are those bob.measure's sort of the impostors gives.
     bob = _bob_points(neg, pos, points[0], points[2], targets)
     eer_thr = _eer_threshold_from_points(*points)
-    far, frr = farfrr(neg, pos, eer_thr)
+    far, frr = _rates_at(neg, pos, eer_thr)
     nearest = {}
     for t in targets:
         i = nearest_point_index(dropped, t)

@@ -208,6 +208,29 @@ def test_image_features_bit_identical_to_eval_ijbc():
                                   img_feats[:, :d])
 
 
+def test_template_pooling_bit_identical_to_eval_ijbc_in_blocks():
+    """More media than one pooling block holds, long videos: the official per-template loop."""
+    from sklearn.preprocessing import normalize
+
+    rng = np.random.default_rng(8)
+    n = 14_000
+    templates = rng.integers(0, 150, n) * 7 + 3
+    medias = rng.integers(0, 6000, n)
+    medias[:900] = 77  # one long video, its frames spread through the file
+    feats = (rng.normal(size=(n, 8)) * rng.uniform(1, 40, (n, 1))).astype(np.float32)
+    ids, ours = ijbc.template_features(feats, templates, medias)
+    expected = np.zeros((ids.size, 8))
+    for k, uqt in enumerate(ids):  # eval_ijbc.py image2template_feature
+        (ind_t,) = np.where(templates == uqt)
+        face, face_medias = feats[ind_t], medias[ind_t]
+        parts = []
+        for u, ct in zip(*np.unique(face_medias, return_counts=True)):
+            (ind_m,) = np.where(face_medias == u)
+            parts.append(face[ind_m] if ct == 1 else np.mean(face[ind_m], axis=0, keepdims=True))
+        expected[k] = np.sum(np.array(parts), axis=0)
+    assert np.array_equal(ours, normalize(expected))
+
+
 def test_pair_scores_bit_identical_to_eval_ijbc():
     rng = np.random.default_rng(6)
     ids = np.sort(rng.choice(np.arange(1, 5000), 300, replace=False))
