@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from rtkit.engines import create
 from rtkit.engines.card import read_card
