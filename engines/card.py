@@ -248,7 +248,12 @@ def card_path(weights_path: str | Path) -> Path:
 
 def write_card(weights_path: str | Path, card: EngineCard) -> Path:
     """Write ``card`` beside ``weights_path`` atomically (never a half-written card)."""
-    p = card_path(weights_path)
+    return write_card_file(card_path(weights_path), card)
+
+
+def write_card_file(p: str | Path, card: EngineCard) -> Path:
+    """Write ``card`` to the card file ``p`` itself (a pipeline's card) atomically."""
+    p = Path(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.part")
     tmp.write_text(card.to_json() + "\n")
@@ -341,4 +346,4 @@ def card_for_module(model, *, checkpoint_sha256: str | None = None, weights: str
 
 
 __all__ = ["EngineCard", "Part", "TensorSpec", "FORMAT_VERSION", "METADATA_KEY", "CARD_NAME",
-           "card_path", "write_card", "read_card", "is_card_file", "build_info", "card_for_module"]
+           "card_path", "write_card", "write_card_file", "read_card", "is_card_file", "build_info", "card_for_module"]

@@ -60,9 +60,19 @@ def export_engine(model: str | Path, out: str | Path, *, to: str | None = None,
     from rtkit.export.onnx import to_onnx
 
     onnx_out = out if target == "onnx" else out.with_suffix(".onnx")
-    to_onnx(model, onnx_out, checkpoint=checkpoint, precision=precision, keep_io_types=not fp16_io,
+    result = to_onnx(model, onnx_out, checkpoint=checkpoint, precision=precision, keep_io_types=not fp16_io,
             opset=opset, batch=batch or (1, 8, 64), input_channels=channels, parity=parity, log=log,
             overrides=overrides)
+    if Path(result).suffix == ".json":  # a multi-part pipeline: its card lists one engine per part
+        from rtkit.engines.card import read_card
+
+        card = read_card(result)
+        written = [Path(result), *(Path(result).parent / p.file for p in card.parts.values())]
+        if target == "plan":
+            written += _plan_parts(card, Path(result).parent, out, batch=batch, precision=precision,
+                                   workspace_gb=workspace_gb, timing_cache=timing_cache,
+                                   image_size=image_size, parity=parity, log=log)
+        return written
     written = [onnx_out, onnx_out.with_suffix(".json")]
     if target == "plan":
         from rtkit.export.tensorrt import to_plan
@@ -71,6 +81,25 @@ def export_engine(model: str | Path, out: str | Path, *, to: str | None = None,
                 timing_cache=timing_cache, image_size=image_size, parity=parity, log=log)
         written += [out, out.with_suffix(".json")]
     return written
+
+
+def _plan_parts(card, root: Path, out: Path, **plan_args) -> list[Path]:
+    """One TensorRT plan per part of a pipeline, and a card listing the plans: ``OUT.json`` beside
+    ``OUT`` (the ONNX card keeps its own name), opened by ``--engine OUT.json``."""
+    import dataclasses
+
+    from rtkit.engines.card import write_card_file
+    from rtkit.export.tensorrt import to_plan
+
+    parts, written = {}, []
+    for name, part in card.parts.items():
+        plan = out.with_name(f"{out.stem}.{name}.plan")
+        to_plan(root / part.file, plan, **plan_args)
+        parts[name] = dataclasses.replace(part, file=plan.name)
+        written.append(plan)
+    card_file = out.with_name(out.name + ".json")
+    write_card_file(card_file, dataclasses.replace(card, parts=parts))
+    return [card_file, *written]
 
 
 def _check_weights(model, checkpoint, random_weights: bool) -> None:

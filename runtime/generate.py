@@ -48,7 +48,7 @@ import numpy as np
 
 from rtkit.engines.errors import RtkitError
 from rtkit.engines.spec import ModelSpec
-from rtkit.runtime.job import Plan, Recorder, StageClock, Summary, reconcile
+from rtkit.runtime.job import Plan, Recorder, StageClock, Summary, check_shard_layout, reconcile
 from rtkit.runtime.manifest import MANIFEST_DIR, Manifest, manifest_path
 from rtkit.runtime.outdir import OutputLock, check_folders
 from rtkit.runtime.runners import Runner
@@ -385,22 +385,6 @@ def t_seed(relpath: str, base: int) -> int:
 # The job
 
 
-def _check_shard_split(out: Path, shard: tuple[int, int] | None) -> None:
-    """Shards of one OUT must split its identities the same way (n), or two shards would write
-    the same outputs."""
-    folder = out / MANIFEST_DIR
-    mine = shard[1] if shard else 1
-    counts = set()
-    for p in folder.glob("manifest*.sqlite") if folder.is_dir() else ():
-        name = p.name[len("manifest"):-len(".sqlite")]
-        counts.add(int(name.rsplit("-of-", 1)[1]) if "-of-" in name else 1)
-    other = sorted(c for c in counts if c != mine)
-    if other:
-        raise RtkitError(f"{out} already holds a job split into {other[0]} shard(s); a run with "
-                         f"{'--shard i/' + str(mine) if shard else 'no --shard'} would overlap it. "
-                         f"Use the same split or another output folder")
-
-
 def _jsonable(d: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else repr(v))
             for k, v in sorted(d.items())}
@@ -466,7 +450,7 @@ def digi2real(gen: Runner, recognizer: Recognizer, src: str | Path, out: str | P
     if not src.is_dir():
         raise RtkitError(f"source folder not found: {src}")
     check_folders(src, out)
-    _check_shard_split(out, opts.shard)
+    check_shard_layout(out, opts.shard)
     mpath = manifest_path(out, opts.shard)
     try:
         mpath.parent.mkdir(parents=True, exist_ok=True)

@@ -256,7 +256,7 @@ def plan_job(src: Path, out: Path, opts: ConvertOptions) -> Plan:
     return Plan(images, skipped)
 
 
-def _check_shard_layout(out: Path, shard: tuple[int, int] | None) -> None:
+def check_shard_layout(out: Path, shard: tuple[int, int] | None) -> None:
     """Shards of one OUT must split it the same way, or two shards could write one file."""
     from rtkit.runtime.manifest import MANIFEST_DIR
 
@@ -394,7 +394,7 @@ def run_job(runner: Runner, src: Path, out: Path, opts: ConvertOptions, executor
     """Plan, reconcile with the manifest, run ``executor.run(todo, recorder, clock)``, summarise.
     The caller holds the output lock (runtime/outdir.OutputLock) for the whole call."""
     check_folders(src, out)
-    _check_shard_layout(out, opts.shard)
+    check_shard_layout(out, opts.shard)
     mpath = manifest_path(out, opts.shard)
     summary = Summary(engine=runner.describe(), src=str(src), out=str(out), manifest=str(mpath),
                       workers=executor.workers(), executor=executor_name, source=source_name)

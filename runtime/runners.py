@@ -118,8 +118,7 @@ class TorchRunner(Runner):
         self.device = torch.device(device)
         self.dtype = _torch_dtype(precision)
         self.model = model.to(self.device, self.dtype).eval()
-        # Convolutions on CUDA run fastest in NHWC; on the CPU the default layout is as fast.
-        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.preserve_format
+        # Convolutions on CUDA run fastest in NHWC (4-D inputs); on the CPU the default layout is as fast.
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         # A compiled graph is specialised to its batch shape: pad every batch to ``pad_to`` so the
@@ -146,7 +145,9 @@ class TorchRunner(Runner):
             as_numpy = isinstance(batch, np.ndarray)
             x = torch.from_numpy(batch) if as_numpy else batch
             out_dtype = x.dtype
-            x = x.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=self.memory_format)
+            x = x.to(self.device, self.dtype, non_blocking=True)
+            if x.ndim == 4 and self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
             n = x.shape[0]
             if self.pad_to and n < self.pad_to:
                 x = torch.cat([x, x[-1:].expand(self.pad_to - n, *x.shape[1:])])
@@ -201,7 +202,9 @@ class OnnxRunner(Runner):
 
         path = Path(path)
         card = card or read_card(path)
-        super().__init__(card, _sha256_text("onnx", file_sha256(path)), extra)
+        data = path.with_name(path.name + ".data")  # external weights of a large graph
+        digest = file_sha256(path) + (file_sha256(data) if data.is_file() else "")
+        super().__init__(card, _sha256_text("onnx", digest), extra)
         self.session = ort_session(path, device=device, threads=threads)
         self.graph_inputs = {i.name: i for i in self.session.get_inputs()}
         if card.input_name not in self.graph_inputs:
@@ -372,7 +375,7 @@ class PipelineRunner(Runner):
             settings["seed"] = [path_seed(str(k), base) for k in keys]
         with torch.inference_mode():
             y = self._loop(self._fns, x, **settings)
-        return y.numpy() if as_numpy else y
+        return y.cpu().numpy() if as_numpy else y
 
 
 def _backend_for(path: Path, backend: str | None) -> str:

@@ -15,8 +15,10 @@ UNUSED = {
     "unsb_tiny": r"generator\.(time_embed|model_res\.\d+\.(Dense_time|conv_block\.1|style))\.",
     "codeformer_tiny": r"quantize\.embedding\.weight",          # codes are looked up detached
     "codeformer_arcface112_tiny": r"quantize\.embedding\.weight",
+    "arc2face_tiny": r"vae\.(encoder|quant_conv)\.",             # generation decodes only
 }
-RUNTIME = {"ddim_tiny": {"steps": 2, "depth": 0.5}}            # keep the sampler loop short
+RUNTIME = {"ddim_tiny": {"steps": 2, "depth": 0.5},            # keep the sampler loops short
+           "arc2face_tiny": {"steps": 2}}
 
 
 def _input(spec, batch=2):
@@ -29,11 +31,14 @@ def _input(spec, batch=2):
 def test_tiny_model_forward_backward_reload(name, tmp_path):
     torch.manual_seed(0)
     model = create(name, pretrained=False).train()
-    x = _input(model.spec)
+    # A generator takes ID embeddings; every other model an image batch.
+    x = torch.randn(2, model.id_dim) if model.spec.task == "generate" else _input(model.spec)
     y = model(x, **RUNTIME.get(name, {}))
     y = y[0] if isinstance(y, (tuple, list)) else y
     assert torch.isfinite(y).all()
-    if model.spec.task == "translate":
+    if model.spec.task == "generate":
+        assert y.shape == (2, 3, *model.spec.input_size)
+    elif model.spec.task == "translate":
         assert y.shape == x.shape
     else:
         assert y.shape == (2, model.spec.output_dim)
