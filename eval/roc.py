@@ -217,15 +217,17 @@ def _rates_at(neg: np.ndarray, pos: np.ndarray, threshold: float) -> tuple[float
 def tar_at_fmr_bob(negatives, positives, targets=FMR_TARGETS) -> dict[float, dict]:
     """bob.measure convention for each target: threshold, FMR, FNMR and TAR = 1 - FNMR."""
     neg = _scores(negatives, "impostor scores")
+    pos = _scores(positives, "genuine scores")
     fps, _, thresholds = _operating_points(np.zeros(neg.size, np.int8), neg)
-    return _bob_points(neg, _scores(positives, "genuine scores"), fps, thresholds, targets)
+    return _bob_points(lambda thr: _rates_at(neg, pos, thr), fps, thresholds, targets)
 
 
-def _bob_points(neg, pos, fps, thresholds, targets) -> dict[float, dict]:
+def _bob_points(rates, fps, thresholds, targets) -> dict[float, dict]:
+    """``rates(threshold) -> (FMR, FNMR)`` counted as bob.measure.farfrr counts them."""
     out = {}
     for t in targets:
         thr = _far_threshold_from_points(fps, thresholds, t)
-        far, frr = _rates_at(neg, pos, thr)  # the arrays were checked by the caller
+        far, frr = rates(thr)
         out[t] = {"threshold": thr, "fmr": far, "fnmr": frr, "tar": 1.0 - frr}
     return out
 
@@ -274,16 +276,22 @@ def _eer_threshold_from_points(fps, tps, thresholds) -> float:
     np.add.accumulate(frr, out=frr)           # FNMR after passing c genuine scores
     # Indexed by what is still ahead (fps, tps) instead of what was passed: reversed views.
     far_ahead, frr_ahead = far[::-1], frr[::-1]
-    pred = far_ahead[fps[last_step:]]
-    pred -= frr_ahead[tps[last_step:]]
-    np.abs(pred, out=pred)
-    # The later step (lower k) wins ties: argmin returns the first of equal minima.
-    best = last_step + int(np.argmin(pred))
+    # The later step (lower k) wins ties: the first of equal minima, over blocks in k order
+    # (a block is replaced only by a strictly smaller value) to keep temporaries small.
+    best, best_pred = -2, np.inf
+    for lo in range(last_step, size, 1 << 20):
+        hi = min(lo + (1 << 20), size)
+        pred = far_ahead[fps[lo:hi]]
+        pred -= frr_ahead[tps[lo:hi]]
+        np.abs(pred, out=pred)
+        i = int(np.argmin(pred))
+        if pred[i] < best_pred:
+            best, best_pred = lo + i, pred[i]
     if last_step > 0:
         after = abs(far_ahead[fps[last_step - 1]] - frr_ahead[tps[last_step - 1]])
     else:
         after = abs(far[n_neg] - frr[n_pos])
-    if after < pred[best - last_step]:
+    if after < best_pred:
         best = last_step - 1
     if best == size - 1:
         return float(thresholds[size - 1])   # the lowest score, where bob starts
@@ -355,13 +363,20 @@ def evaluate_scores(labels, scores, targets=FMR_TARGETS, *, return_curve: bool =
     scores = _scores(scores)
     points = _operating_points(labels, scores)  # the sort is the costly part: once
     dropped = _curve(*points, drop_intermediate=True)
-    impostor = labels == 0
-    neg, pos = scores[impostor], scores[~impostor]
-    del impostor
+    pos = scores[labels != 0]
+    n_neg = scores.size - pos.size
+
+    def rates(thr: float) -> tuple[float, float]:
+        # bob.measure.farfrr's counts; impostors >= t as all scores >= t less the genuine
+        # ones, so the 15 M impostor scores of IJB-C need no copy of their own.
+        pos_ge = int(np.count_nonzero(pos >= thr))
+        neg_ge = int(np.count_nonzero(scores >= thr)) - pos_ge
+        return neg_ge / n_neg, (pos.size - pos_ge) / pos.size
+
     # The impostor runs of the joint sort are those bob.measure's sort of the impostors gives.
-    bob = _bob_points(neg, pos, points[0], points[2], targets)
+    bob = _bob_points(rates, points[0], points[2], targets)
     eer_thr = _eer_threshold_from_points(*points)
-    far, frr = _rates_at(neg, pos, eer_thr)
+    far, frr = rates(eer_thr)
     nearest = {}
     for t in targets:
         i = nearest_point_index(dropped, t)
