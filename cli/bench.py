@@ -142,3 +142,42 @@ def table1_cmd(models, tiny, device, backends, precisions, batch_sizes, images, 
     paths = write_table1(rows, out, device)
     click.echo(table1_markdown(rows, device))
     click.echo("\nwrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@main.command("generate", context_settings=CONTEXT, epilog="""\b
+Examples:
+  rt-bench generate --tiny
+  rt-bench generate --random-weights --device cuda --precision fp16 --batch-sizes 8,16,32 --steps 25,4
+  rt-bench generate --engine a2f.json --device cuda
+""")
+@click.option("--engine", help="An exported generator card (X.json); default: the registered model.")
+@click.option("--models", type=click.Path(file_okay=False), help="Arc2Face folder (arc2face/, encoder/).")
+@click.option("--base", type=click.Path(file_okay=False), help="Stable Diffusion 1.5 folder (vae/, tokenizer/).")
+@click.option("--tiny", is_flag=True, help="The tiny registered generator (arc2face_tiny).")
+@click.option("--random-weights", is_flag=True, help="Full-size random weights (speed does not depend on them).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--vae-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="The VAE's precision (fp16 VAEs overflow to black images; fp32 or bf16).")
+@click.option("--batch-sizes", default="1,4,8", show_default=True, callback=_csv_list(int))
+@click.option("--steps", default="25,4", show_default=True, callback=_csv_list(int))
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True)
+@user_errors
+def generate_cmd(engine, models, base, tiny, random_weights, device, precision, vae_precision,
+                 batch_sizes, steps, repeats):
+    """Time the Arc2Face generator: s/img and img/s per batch size and number of steps (guidance
+    in one batched UNet call)."""
+    from rtkit.runtime.generate import open_generator, time_generator
+
+    sync = None
+    if str(device).startswith("cuda"):
+        import torch
+
+        sync = torch.cuda.synchronize
+    with open_generator(engine=engine, models=models, base=base, model="arc2face_tiny" if tiny else "arc2face",
+                        device=device, precision=precision, vae_precision=vae_precision,
+                        random_weights=random_weights) as gen:
+        rows = time_generator(gen, batch_sizes=batch_sizes, steps=steps, repeats=repeats, sync=sync)
+    click.echo("| batch | steps | guidance | s/img | img/s |\n|---|---|---|---|---|")
+    for r in rows:
+        click.echo(f"| {r['batch']} | {r['steps']} | {r['guidance']} | {r['s_per_img']:.4f} | {r['img_per_s']:.1f} |")

@@ -206,7 +206,8 @@ def open_generator(*, engine: str | Path | None = None, models: str | Path | Non
         return runner
     if (models is None) != (base is None):
         raise RtkitError("the generator needs both --models (arc2face/, encoder/) and --base (the SD-1.5 folder)")
-    if models is None and not random_weights:
+    tiny = model in registry.list_models(tiny=True)
+    if models is None and not random_weights and not tiny:
         raise RtkitError("no generator: give --models M --base SD15 (official Arc2Face folders), or "
                          "--engine X.json (exported parts)")
     try:

@@ -94,3 +94,15 @@ def test_table1_library_on_a_pipeline_model_and_two_batch_sizes(tmp_path):
         assert row.naive_s > 0 and row.compute_s > 0 and row.e2e_s > 0
         assert row.e2e_over_compute == pytest.approx(row.compute_s / row.e2e_s)
         assert row.speedup_vs_naive == pytest.approx(row.naive_s / row.e2e_s)
+
+
+def test_rt_bench_generate_times_the_tiny_generator():
+    from click.testing import CliRunner
+
+    from rtkit.cli.bench import main
+
+    res = CliRunner().invoke(main, ["generate", "--tiny", "--batch-sizes", "1,2", "--steps", "2", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    rows = [ln for ln in res.output.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "2"]
+    assert all(float(r.split("|")[5]) > 0 for r in rows)

@@ -41,7 +41,7 @@ def test_light_modules_do_not_import_torch():
     ["convert"], ["bench"], ["export"], ["train"], ["eval"], ["sample"],
     ["train", "recognizer"], ["train", "translator"], ["train", "demo-translator"],
     ["eval", "verify"], ["eval", "ijbc"], ["eval", "report"], ["eval", "make-bin"],
-    ["generate"], ["generate", "digi2real"], ["generate", "digi2real-delta"],
+    ["generate"], ["generate", "digi2real"], ["generate", "digi2real-delta"], ["bench", "generate"],
 ])
 def test_cli_help_does_not_import_torch(argv):
     out = run_python("""
