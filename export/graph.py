@@ -131,6 +131,8 @@ def resolve_model(model_or_name: nn.Module | str | Path, checkpoint: str | Path 
             raise EngineError(f"{path} is a weights file already; --checkpoint applies to a model name")
         card = read_card(path)
         model = registry.create(card.model, checkpoint=path, **{**card.overrides, **(overrides or {})})
+        if not overrides:
+            model.spec = card.spec  # what it was trained for (e.g. a 64 px recognizer), not the registry default
         return model, card.model, file_sha256(path)
     name = str(model_or_name)
     try:
