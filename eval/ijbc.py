@@ -322,7 +322,8 @@ def template_index(template_ids: np.ndarray, t: np.ndarray) -> np.ndarray:
         idx = None
     else:
         idx = np.searchsorted(template_ids, t)
-        bad = (idx >= template_ids.size) | (template_ids[np.minimum(idx, template_ids.size - 1)] != t)
+        found = template_ids[np.minimum(idx, template_ids.size - 1)]
+        bad = (idx >= template_ids.size) | (found != t)
     if bad.any():
         raise BenchmarkError(f"pair list names template {int(t[bad][0])}, which has no images")
     return idx

@@ -398,7 +398,8 @@ def evaluate_scores(labels, scores, targets=FMR_TARGETS, *, return_curve: bool =
         },
         "eer": EqualErrorRate((far + frr) / 2.0, eer_thr, far, frr).as_dict(),
         "conventions": dict(CONVENTIONS),
-        "roc": {"fpr": ROC_GRID.tolist(), "tpr": _envelope_on_grid(points[0], points[1], ROC_GRID).tolist(),
+        "roc": {"fpr": ROC_GRID.tolist(),
+                "tpr": _envelope_on_grid(points[0], points[1], ROC_GRID).tolist(),
                 "kind": "upper envelope on a log grid (for plots)"},
     }
     return (doc, dropped) if return_curve else doc

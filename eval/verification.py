@@ -77,8 +77,8 @@ def _check_allocation(shape, dtype: np.dtype, limit: int, what: str) -> None:
         count *= n
     size = count * (1 if dtype.hasobject else dtype.itemsize)
     if size > limit:
-        raise _Refused(f"it asks for {what} of {size} bytes from a {limit}-byte "
-                                     f"file; refusing to allocate it")
+        raise _Refused(f"it asks for {what} of {size} bytes from a {limit}-byte file; "
+                       f"refusing to allocate it")
 
 
 class _NdarrayMarker:
@@ -118,8 +118,8 @@ class _BinUnpickler(pickle.Unpickler):
         try:
             return self.allowed[module, name]
         except KeyError:
-            raise _Refused(f"it references {module}.{name}, which a verification "
-                                         f".bin never holds; refusing to load it") from None
+            raise _Refused(f"it references {module}.{name}, which a verification .bin never "
+                           f"holds; refusing to load it") from None
 
     def _encode(self, obj, encoding="utf-8", errors="strict"):
         if not isinstance(obj, str) or str(encoding).lower() not in _LATIN1:
@@ -129,8 +129,8 @@ class _BinUnpickler(pickle.Unpickler):
     def _bytearray(self, source=b"", *args):
         # bytearray(n) allocates n zero bytes: a pickle may only rebuild one from its content.
         if not isinstance(source, (bytes, bytearray, str)):
-            raise _Refused(f"it calls bytearray({type(source).__name__}), which "
-                                         f"allocates from a number instead of file content")
+            raise _Refused(f"it calls bytearray({type(source).__name__}), which allocates "
+                           f"from a number instead of file content")
         if isinstance(source, str):
             return bytearray(self._encode(source, *(args or ("latin-1",))))
         if args:
@@ -480,5 +480,6 @@ def format_verification(doc: dict) -> str:
 
 __all__ = ["BENCHMARKS", "BENCHMARK_TITLES", "BenchmarkError", "VerificationSet", "load_bin",
            "decode_image", "read_pairs", "build_bin", "check_n_folds", "check_folds",
-           "kfold_splits", "l2_normalize", "fuse_flip", "FoldAccuracy", "pair_distances", "fold_accuracy", "embed_bin", "evaluate_bin", "five_benchmark_average",
+           "kfold_splits", "l2_normalize", "fuse_flip", "FoldAccuracy", "pair_distances",
+           "fold_accuracy", "embed_bin", "evaluate_bin", "five_benchmark_average",
            "expand_bin_paths", "run_verification", "format_verification"]

@@ -143,7 +143,8 @@ def test_report_columns_present_and_average_rule():
     cols = report.verification_columns(docs)
     assert cols == [("lfw", "LFW"), ("mine", "mine"), ("avg", "avg of 2 present (LFW, mine)")]
     mean, std, n = report.verification_table(docs)[0]["columns"]["avg"]
-    assert n == 2 and mean == pytest.approx(0.75) and std == pytest.approx(np.std([0.8, 0.7], ddof=1))
+    assert n == 2 and mean == pytest.approx(0.75)
+    assert std == pytest.approx(np.std([0.8, 0.7], ddof=1))
 
 
 def test_verify_folds_below_two_is_one_line(tmp_path):
@@ -159,6 +160,7 @@ def test_verify_folds_below_two_is_one_line(tmp_path):
 def test_bomb_bin_via_cli_is_one_line(tmp_path):
     bomb = tmp_path / "lfw.bin"
     bomb.write_bytes(b"\x80\x02c__builtin__\nbytearray\nJ\x00\xca\x9a;\x85R.")
-    res = CliRunner().invoke(main, ["verify", "-e", RECOGNIZER, "--bin", str(bomb), "--no-cache", "-q"])
+    res = CliRunner().invoke(main, ["verify", "-e", RECOGNIZER, "--bin", str(bomb), "--no-cache",
+                                    "-q"])
     assert res.exit_code == 1 and "bytearray(int)" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1

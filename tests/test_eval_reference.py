@@ -97,11 +97,13 @@ def test_bob_rule_is_not_the_any_score_rule():
     pos = np.array([9.5, 8.5, 7.5])
     labels = np.r_[np.zeros(10, int), np.ones(3, int)]
     doc = roc.evaluate_scores(labels, np.r_[neg, pos], targets=(0.1,))
-    assert bm.far_threshold(neg, pos, 0.1) == 10.0 and doc["tar_at_fmr"]["bob_measure"]["1e-01"] == 0.0
+    assert bm.far_threshold(neg, pos, 0.1) == 10.0
+    assert doc["tar_at_fmr"]["bob_measure"]["1e-01"] == 0.0
     full = roc.roc_curve(labels, np.r_[neg, pos], drop_intermediate=False)
     assert roc.roc_on_grid(full, [0.1])[0] == pytest.approx(1 / 3)   # the envelope, for plots only
     # A target below 1 / #impostors: just above the highest impostor.
-    assert roc.far_threshold(neg, 0.05) == np.nextafter(10.0, 11.0) == bm.far_threshold(neg, pos, 0.05)
+    above = np.nextafter(10.0, 11.0)
+    assert roc.far_threshold(neg, 0.05) == above == bm.far_threshold(neg, pos, 0.05)
 
 
 def test_roc_grid_from_points_equals_full_curve():
@@ -165,7 +167,8 @@ def test_fold_tpr_fpr_means_and_train_accuracies_match_insightface():
     base = rng.normal(size=(n, d))
     emb = np.empty((2 * n, d))
     emb[0::2] = base + 0.6 * rng.normal(size=(n, d))
-    emb[1::2] = np.where(same[:, None], base + 0.6 * rng.normal(size=(n, d)), rng.normal(size=(n, d)))
+    other = rng.normal(size=(n, d))
+    emb[1::2] = np.where(same[:, None], base + 0.6 * rng.normal(size=(n, d)), other)
     emb = verification.l2_normalize(emb)
     dist = verification.pair_distances(emb)
     tpr, fpr, acc, train_best = _calculate_roc_reference(dist, same)
