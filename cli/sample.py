@@ -17,6 +17,7 @@ The same arguments always give byte-identical files.
 Examples:
   rt-sample data/sample                       # 20 identities x 8 renders
   rt-sample data/pairs --style both -n 50 -k 8
+  rt-sample data/test --style photo -n 20 --first-identity 100   # identities 100..119
 """
 
 
@@ -29,6 +30,9 @@ Examples:
               help="Number of identities (folders).")
 @click.option("--per-identity", "-k", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images per identity.")
+@click.option("--first-identity", type=click.IntRange(0, 2 ** 32 - 1), default=0, show_default=True,
+              help="Number of the first identity (and its folder name): sets of one seed with disjoint "
+                   "ranges share no identity, e.g. train -n 100, test --first-identity 100.")
 @click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), default=0, show_default=True,
               help="Seed of the whole dataset: another seed gives other identities.")
 @click.option("--size", type=click.IntRange(32, 1024), default=112, show_default=True,
@@ -36,16 +40,17 @@ Examples:
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Drawing threads (default: up to 4). Does not change the output.")
 @user_errors
-def main(out, style, identities, per_identity, seed, size, workers):
+def main(out, style, identities, per_identity, first_identity, seed, size, workers):
     """Write a deterministic procedural face dataset to OUT for demos and tests."""
     from rtkit.datasets.sample import make_sample_dataset
 
     start = time.perf_counter()
     paths = make_sample_dataset(out, style=style, identities=identities, per_identity=per_identity,
-                                seed=seed, size=size, workers=workers)
+                                seed=seed, size=size, workers=workers, first_identity=first_identity)
     took = time.perf_counter() - start
     looks = "render + photo pairs" if style == "both" else style
-    click.echo(f"wrote {len(paths)} images ({identities} identities x {per_identity}, {looks}, "
+    ids = f" {first_identity}..{first_identity + identities - 1}" if first_identity else ""
+    click.echo(f"wrote {len(paths)} images ({identities} identities{ids} x {per_identity}, {looks}, "
                f"{size}x{size}, seed {seed}) to {out} in {took:.1f} s")
 
 

@@ -945,25 +945,34 @@ def face_landmarks(identity: int, k: int, seed: int = 0, size: int = 112) -> np.
 
 
 def make_sample_dataset(root, *, style: str = "render", identities: int = 20, per_identity: int = 8,
-                        seed: int = 0, size: int = 112, workers: int | None = None) -> list[Path]:
+                        seed: int = 0, size: int = 112, workers: int | None = None,
+                        first_identity: int = 0) -> list[Path]:
     """Write ``root/<identity>/<k>.png`` (DigiFace-1M layout) and return the paths, sorted.
 
     ``style`` is "render", "photo" or "both"; "both" writes ``root/render/...`` and
     ``root/photo/...`` from the same scenes (pixel-aligned pairs). Output is byte-identical
     for the same arguments whatever ``workers`` is.
+
+    ``first_identity`` draws identities ``first_identity .. first_identity + identities - 1``
+    (folders named by those numbers): sets of one seed with disjoint ranges share no identity
+    and no folder name, so training, translator-target and test sets can be cut from one world.
     """
     styles = STYLES if style == "both" else (style,)
     if style != "both" and style not in STYLES:
         raise RtkitError(f"style must be one of {STYLES + ('both',)}, got {style!r}")
     if identities < 1 or per_identity < 1:
         raise RtkitError(f"need at least one identity and one image each, got {identities} x {per_identity}")
-    _check(identities - 1, per_identity - 1, seed, size)
+    if int(first_identity) != first_identity or first_identity < 0:
+        raise RtkitError(f"first_identity must be a non-negative integer, got {first_identity!r}")
+    first_identity = int(first_identity)
+    _check(first_identity + identities - 1, per_identity - 1, seed, size)
+    ids = range(first_identity, first_identity + identities)
     root = Path(root)
     dirs = {st: (root / st if style == "both" else root) for st in styles}
     if root.exists() and not root.is_dir():
         raise RtkitError(f"output path exists and is not a folder: {root}")
     for d in dirs.values():
-        for i in range(identities):
+        for i in ids:
             (d / str(i)).mkdir(parents=True, exist_ok=True)
 
     def one(job):
@@ -981,7 +990,7 @@ def make_sample_dataset(root, *, style: str = "render", identities: int = 20, pe
             paths.append(path)
         return paths
 
-    jobs = [(i, k) for i in range(identities) for k in range(per_identity)]
+    jobs = [(i, k) for i in ids for k in range(per_identity)]
     workers = workers or min(4, os.cpu_count() or 1)
     if workers <= 1:
         results = [one(j) for j in jobs]
