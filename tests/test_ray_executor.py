@@ -153,6 +153,21 @@ def test_bad_inputs_are_recorded_failed_and_the_run_goes_on(cluster, src, tmp_pa
     assert rows["bad/text.png"].status == "failed" and "not an image" in rows["bad/text.png"].error
 
 
+def test_more_actors_than_the_cluster_holds_still_finishes(cluster, src, reference, tmp_path):
+    """Batches go only to actors that have started, so an actor the cluster cannot place holds
+    none and the run does not wait for it."""
+    import shutil
+
+    tree = tmp_path / "src"
+    for ident in ("0", "1"):
+        shutil.copytree(src / ident, tree / ident)
+    s = convert(BUNDLED_ONNX, tree, tmp_path / "out", executor="ray", ray_actors=3, batch_size=2,
+                progress=False)
+    assert s.executor.startswith("ray (3 actors") and s.converted == 16
+    assert _outputs(tmp_path / "out") == {k: v for k, v in _outputs(reference).items()
+                                          if k.split("/")[0] in ("0", "1")}
+
+
 @pytest.mark.gpu
 def test_cuda_engine_runs_one_actor_per_gpu(cluster, src, tmp_path):
     import torch
