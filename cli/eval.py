@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from rtkit.cli.common import engine_options, user_errors
+from rtkit.cli.common import engine_options, random_weights_option, user_errors
 
 
 def _embedding_options(fn):
@@ -34,13 +34,14 @@ def _embedding_options(fn):
     return fn
 
 
-def _embedder(engine, checkpoint, device, backend, precision, batch_size, workers, cache_dir,
-              no_cache, quiet):
+def _embedder(engine, checkpoint, device, backend, precision, random_weights, batch_size, workers,
+              cache_dir, no_cache, quiet):
     from rtkit.eval.embed import Embedder
 
     return Embedder(engine, checkpoint=checkpoint, device=device, backend=backend,
                     precision=precision, batch_size=batch_size, workers=workers,
-                    cache_dir=False if no_cache else cache_dir, progress=not quiet)
+                    cache_dir=False if no_cache else cache_dir, progress=not quiet,
+                    random_weights=random_weights)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,6 +68,7 @@ Example:
   rt-eval verify -e adaface_ir50 --checkpoint run1/model.pt --bin data/faces_bins/ \\
       --label DigiFace1M --run seed1 --out results/digiface_seed1.json""")
 @engine_options
+@random_weights_option
 @click.option("--bin", "bins", multiple=True, required=True, type=click.Path(),
               help="A verification .bin (repeat for several), or a folder holding lfw.bin, "
                    "cfp_fp.bin, cplfw.bin, calfw.bin, agedb_30.bin.")
@@ -76,7 +78,7 @@ Example:
               help="Number of folds (2 or more; each fold's threshold is chosen on the others).")
 @_embedding_options
 @user_errors
-def verify(engine, checkpoint, device, backend, precision, bins, out, folds, batch_size, workers,
+def verify(engine, checkpoint, device, backend, precision, random_weights, bins, out, folds, batch_size, workers,
            cache_dir, no_cache, no_flip, label, run_id, quiet):
     """Accuracy on insightface verification .bin files (10-fold protocol)."""
     from rtkit.eval.results import write_result
@@ -84,7 +86,7 @@ def verify(engine, checkpoint, device, backend, precision, bins, out, folds, bat
 
     check_n_folds(folds)  # before the recognizer is opened
 
-    with _embedder(engine, checkpoint, device, backend, precision, batch_size, workers,
+    with _embedder(engine, checkpoint, device, backend, precision, random_weights, batch_size, workers,
                    cache_dir, no_cache, quiet) as emb:
         doc = run_verification(emb, bins, flip=not no_flip, n_folds=folds, label=label,
                                run=run_id)
@@ -108,6 +110,7 @@ Example:
   rt-eval ijbc -e iresnet50 --checkpoint backbone.pth --root /data/IJB_release/IJBC \\
       --device cuda --batch-size 256 --label WebFace4M --out results/webface_ijbc.json""")
 @engine_options
+@random_weights_option
 @click.option("--root", required=True, type=click.Path(),
               help="The IJB-C (or IJB-B) folder: meta/ and loose_crop/.")
 @click.option("--dataset", type=click.Choice(["IJBC", "IJBB"], case_sensitive=False),
@@ -123,14 +126,14 @@ Example:
               help="Also save the template-pair scores as .npy.")
 @_embedding_options
 @user_errors
-def ijbc(engine, checkpoint, device, backend, precision, root, dataset, out, norm_weight, faceness,
+def ijbc(engine, checkpoint, device, backend, precision, random_weights, root, dataset, out, norm_weight, faceness,
          save_scores, batch_size, workers, cache_dir, no_cache, no_flip, label, run_id, quiet):
     """IJB-C / IJB-B 1:1 template verification: TAR at FMR, AUC, ROC."""
     from rtkit.eval.ijbc import format_ijb, run_ijb
     from rtkit.eval.report import plot_roc
     from rtkit.eval.results import write_result
 
-    with _embedder(engine, checkpoint, device, backend, precision, batch_size, workers,
+    with _embedder(engine, checkpoint, device, backend, precision, random_weights, batch_size, workers,
                    cache_dir, no_cache, quiet) as emb:
         doc, curve = run_ijb(emb, root, dataset.upper(), flip=not no_flip,
                              norm_weight=norm_weight, faceness_weight=faceness, label=label,

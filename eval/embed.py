@@ -109,7 +109,7 @@ class InsightfaceOnnxRunner(OnnxRunner):
 
 
 def open_recognizer(engine, *, checkpoint=None, device: str = "cpu", backend: str | None = None,
-                    precision: str = "fp32") -> Runner:
+                    precision: str = "fp32", random_weights: bool = False) -> Runner:
     """A runner for a recognizer (spec.task == "embed"); see ``Embedder``."""
     if isinstance(engine, Runner):
         runner = engine
@@ -121,7 +121,7 @@ def open_recognizer(engine, *, checkpoint=None, device: str = "cpu", backend: st
             runner = InsightfaceOnnxRunner(p, device=device)
         else:
             runner = open_engine(engine, device=device, backend=backend, checkpoint=checkpoint,
-                                 precision=precision)
+                                 precision=precision, random_weights=random_weights)
     if runner.spec.task != "embed":
         name = runner.meta.model
         runner.close()
@@ -142,7 +142,8 @@ class Embedder:
 
     def __init__(self, engine, *, checkpoint=None, device: str = "cpu", backend: str | None = None,
                  precision: str = "fp32", batch_size: int = 64, workers: int | None = None,
-                 cache_dir: str | Path | None | bool = None, progress: bool = True):
+                 cache_dir: str | Path | None | bool = None, progress: bool = True,
+                 random_weights: bool = False):
         if batch_size < 1:
             raise RtkitError(f"batch size must be at least 1, got {batch_size}")
         self.engine = engine
@@ -154,6 +155,7 @@ class Embedder:
         self.workers = workers or default_workers()
         self.cache_dir = None if cache_dir is False else Path(cache_dir or default_cache_dir())
         self.progress = progress
+        self.random_weights = random_weights
         self._runner: Runner | None = engine if isinstance(engine, Runner) else None
         self.images_embedded = 0
         self.cache_hits = 0
@@ -165,7 +167,7 @@ class Embedder:
         if self._runner is None:
             self._runner = open_recognizer(self.engine, checkpoint=self.checkpoint,
                                            device=self.device, backend=self.backend,
-                                           precision=self.precision)
+                                           precision=self.precision, random_weights=self.random_weights)
         elif self._runner.spec.task != "embed":
             raise EngineError(f"{self._runner.meta.model} is a {self._runner.spec.task} model, "
                               f"not a recognizer")

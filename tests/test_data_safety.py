@@ -454,3 +454,20 @@ def test_sigterm_is_one_line_and_killed_runs_are_marked(many_faces, tmp_path):
     states = [r[0] for r in db.execute("SELECT state FROM runs ORDER BY id")]
     db.close()
     assert states == ["interrupted", "killed", "finished"]
+
+
+def test_rt_eval_and_rt_bench_refuse_random_weights_without_the_flag(faces, tmp_path):
+    from click.testing import CliRunner
+
+    from rtkit.cli.bench import main as bench
+    from rtkit.cli.eval import main as rt_eval
+    from rtkit.eval.pairs import make_pairs
+    from rtkit.eval.verification import build_bin
+
+    make_pairs(faces, tmp_path / "pairs.txt", folds=2, pairs_per_fold=4, seed=0)
+    build_bin(faces, tmp_path / "pairs.txt", tmp_path / "x.bin")
+    res = CliRunner().invoke(rt_eval, ["verify", "--engine", "iresnet50", "--bin", str(tmp_path / "x.bin"), "--folds", "2",
+                                       "--no-cache", "-q"])
+    assert res.exit_code == 1 and "--random-weights" in res.output, res.output
+    res = CliRunner().invoke(bench, ["time", "vsait", "--seconds", "0.1"])
+    assert res.exit_code == 1 and "--random-weights" in res.output, res.output
