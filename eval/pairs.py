@@ -13,14 +13,14 @@ join two of its identities; no pair appears twice. The same tree and seed give t
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from rtkit.datasets.identities import scan_identities
+from rtkit.engines.errors import RtkitError
 from rtkit.eval.verification import N_FOLDS, BenchmarkError, check_n_folds
-from rtkit.runtime.sources import walk_files
 
 PAIRS_PER_FOLD = 600      # LFW: 300 genuine + 300 impostor pairs in each of 10 folds
 _ENUMERATE_UP_TO = 200_000  # below this many candidate pairs draw from the full list
@@ -40,19 +40,13 @@ class PairsSummary:
 
 
 def identity_images(root: str | Path) -> dict[str, list[str]]:
-    """identity -> sorted image paths relative to ``root`` (``root/<identity>/...``)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise BenchmarkError(f"image folder not found: {root}")
-    images, _ = walk_files(root)
-    by_identity: dict[str, list[str]] = defaultdict(list)
-    for rel in images:
-        if "/" in rel:  # files directly under root belong to no identity
-            by_identity[rel.split("/", 1)[0]].append(rel)
-    if not by_identity:
-        raise BenchmarkError(f"no identity folders with images in {root} "
-                             f"(expected ROOT/<identity>/<image>)")
-    return dict(sorted(by_identity.items()))
+    """identity -> image paths relative to ``root`` (``root/<identity>/...``), in natural order
+    (rtkit.datasets.identities)."""
+    try:
+        scan = scan_identities(root)
+    except RtkitError as e:
+        raise BenchmarkError(str(e)) from None
+    return {ident.name: ident.relpaths for ident in scan.identities}
 
 
 class _GenuineDraws:

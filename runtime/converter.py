@@ -113,7 +113,8 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
     if infer_workers is None:
         infer_workers = default_workers() if cpu_onnx and runner_threads is None else 1
     if (cpu_onnx or devices) and runner_threads is None and (infer_workers > 1 or processes or devices):
-        runner_threads = 1 if not devices else None
+        # One process per core or CPU "device": each single-threaded; GPU workers keep their defaults.
+        runner_threads = 1 if not devices or all(str(d) == "cpu" for d in devices) else None
     options["infer_workers"] = infer_workers
     if options.get("batch_size") is None:
         # CPU: with the bundled engine, batches of 4-32 run within noise of each other on 2 cores

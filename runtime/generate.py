@@ -48,6 +48,7 @@ import numpy as np
 
 from rtkit.engines.errors import RtkitError
 from rtkit.engines.spec import ModelSpec
+from rtkit.datasets.identities import scan_identities as scan_identity_folders
 from rtkit.runtime.job import Plan, Recorder, StageClock, Summary, check_shard_layout, reconcile
 from rtkit.runtime.manifest import MANIFEST_DIR, Manifest, manifest_path
 from rtkit.runtime.outdir import OutputLock, check_folders
@@ -290,17 +291,10 @@ class Identity:
 
 
 def scan_identities(src: Path, out: Path | None = None) -> tuple[list[Identity], list[tuple[str, str]]]:
-    """The identity folders of a DigiFace-layout tree (images at any depth under one top-level
-    folder), sorted by name, and the problems met (unreadable folders, images outside folders)."""
-    scan = scan_tree(src, exclude=out)
-    groups: dict[str, list] = {}
-    problems = list(scan.problems)
-    for rel, st in scan.images:
-        if "/" not in rel:
-            problems.append((rel, "image outside any identity folder (DigiFace layout: SRC/<identity>/<image>); ignored"))
-            continue
-        groups.setdefault(rel.split("/", 1)[0], []).append((rel, st))
-    return [Identity(k, sorted(v)) for k, v in sorted(groups.items())], problems
+    """The identity folders of a DigiFace-layout tree (rtkit.datasets.identities: images at any
+    depth under one top-level folder, natural order) and the problems met."""
+    scan = scan_identity_folders(src, exclude=out, required=False)
+    return [Identity(i.name, i.images) for i in scan.identities], scan.problems
 
 
 class EmbeddingCache:

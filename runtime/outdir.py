@@ -135,6 +135,35 @@ class OutputLock:
         self.release()
 
 
+def exit_with(pid: int) -> None:
+    """SIGKILL this process the moment process ``pid`` (the run's main process, on this machine)
+    exits, even mid-batch: a watchdog thread waits on its pidfd (Linux; polling elsewhere).
+    Fork-server children and Ray workers get no parent-death signal from the run, whose child
+    they are not."""
+    import signal
+    import threading
+
+    def watch():
+        import select
+
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            os.kill(os.getpid(), signal.SIGKILL)  # already gone
+        except (AttributeError, OSError):
+            while True:  # no pidfd: poll
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+        else:
+            select.select([fd], [], [])  # readable once the process has exited
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True, name="run-watchdog").start()
+
+
 def hold_writers_lock(writers_path: str | Path) -> int:
     """In a worker process: hold the run's writers lock (shared) until the process exits."""
     fd = os.open(writers_path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -19,7 +19,6 @@ import collections
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -31,34 +30,14 @@ from rtkit.runtime.stages import CpuSource, WorkItem, convert_batch
 _IN_FLIGHT = 2  # batches handed to a worker at once: one running, one waiting
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Kill this process as soon as ``parent_pid`` exits (fork-server children get no
-    parent-death signal from the run's process, whose child they are not)."""
-    def watch():
-        try:
-            import select
-
-            fd = os.pidfd_open(parent_pid)
-            select.select([fd], [], [])  # readable when the parent has exited
-        except (AttributeError, OSError):
-            while True:  # no pidfd: poll
-                try:
-                    os.kill(parent_pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
-
-
 def _worker(conn, parent_pid: int, writers_lock: str, engine_args: dict, src_root: str,
             opts: ConvertOptions, device: str | None) -> None:
     # Ctrl-C and SIGTERM are the parent's to handle; a worker just stops with it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-    _watch_parent(parent_pid)
-    from rtkit.runtime.outdir import hold_writers_lock
+    from rtkit.runtime.outdir import exit_with, hold_writers_lock
+
+    exit_with(parent_pid)
 
     hold_writers_lock(writers_lock)  # held until this process exits
     if os.getppid() != parent_pid and not _alive(parent_pid):

@@ -30,8 +30,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import signal
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -81,29 +79,6 @@ def _absolute(engine_args: dict) -> dict:
     return args
 
 
-def _die_with(pid: int) -> None:
-    """SIGKILL this process as soon as ``pid`` (the driver, on this machine) exits."""
-    def watch():
-        import select
-
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            os.kill(os.getpid(), signal.SIGKILL)  # already gone
-        except (AttributeError, OSError):
-            while True:  # no pidfd: poll
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-        else:
-            select.select([fd], [], [])  # readable once the driver has exited
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, daemon=True, name="driver-watchdog").start()
-
-
 class RunnerActor:
     """One engine on one Ray worker process, converting whole batches (made a Ray actor by
     RayExecutor; a plain class so that importing this module needs no Ray)."""
@@ -114,9 +89,10 @@ class RunnerActor:
         try:
             import ray
 
+            from rtkit.runtime.outdir import exit_with, hold_writers_lock
+
             if driver_pid is not None and ray.get_runtime_context().get_node_id() == driver_node:
-                _die_with(driver_pid)
-            from rtkit.runtime.outdir import hold_writers_lock
+                exit_with(driver_pid)
 
             try:
                 self.lock_fd = hold_writers_lock(writers_lock)  # held until this process exits

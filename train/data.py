@@ -41,40 +41,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from rtkit.datasets.identities import natural_key, scan_identities
 from rtkit.engines.errors import RtkitError
-from rtkit.runtime.sources import IMAGE_EXTENSIONS
 from rtkit.train.images import DecodeError, SkipReport, read_image
 
 
 # -- scanning ---------------------------------------------------------------------------------
 
-def _natural_key(name: str):
-    """Numeric names in numeric order (DigiFace ids, image numbers), then the others by text."""
-    stem = name.rsplit(".", 1)[0]
-    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
-
-
 def scan_face_folder(root: str | Path) -> list[tuple[str, list[str]]]:
-    """``[(identity, [image paths])]`` of a ``<root>/<identity>/<image>`` tree, naturally sorted.
-
-    Hidden entries are skipped; identity folders without images are left out.
-    """
+    """``[(identity, [image paths])]`` of a ``<root>/<identity>/<image>`` tree in natural order
+    (rtkit.datasets.identities, the walker evaluation and generation use too)."""
     root = Path(root)
-    if not root.is_dir():
-        raise RtkitError(f"dataset root not found or not a folder: {root}")
-    identities = []
-    with os.scandir(root) as it:
-        dirs = [e for e in it if e.is_dir(follow_symlinks=True) and not e.name.startswith(".")]
-    for d in sorted(dirs, key=lambda e: _natural_key(e.name)):
-        with os.scandir(d.path) as it:
-            files = [e.name for e in it if not e.name.startswith(".")
-                     and e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file(follow_symlinks=True)]
-        if files:
-            files.sort(key=_natural_key)
-            identities.append((d.name, [os.path.join(d.path, f) for f in files]))
-    if not identities:
-        raise RtkitError(f"no identity folders with images in {root} (expected <root>/<identity>/<k>.png)")
-    return identities
+    return [(ident.name, [os.path.join(root, rel) for rel in ident.relpaths])
+            for ident in scan_identities(root).identities]
 
 
 @dataclass
@@ -101,7 +80,7 @@ def index_face_folders(roots: Sequence[str | Path], same_identities: bool = Fals
         raise RtkitError("no dataset root given")
     scanned = [scan_face_folder(r) for r in roots]
     if same_identities:
-        names = sorted({name for ids in scanned for name, _ in ids}, key=_natural_key)
+        names = sorted({name for ids in scanned for name, _ in ids}, key=natural_key)
         label_of = {n: i for i, n in enumerate(names)}
         class_names = names
         keys = [[label_of[name] for name, _ in ids] for ids in scanned]
