@@ -91,6 +91,19 @@ def parse_extra(values: tuple[str, ...]) -> dict:
     return out
 
 
+def shard_option(ctx, param, value):
+    """click callback: I/N -> (i, n) with 0 <= i < n."""
+    if value is None:
+        return None
+    try:
+        i, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter("expected i/n, e.g. 0/4") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise click.BadParameter(f"need 0 <= i < n, got {value}")
+    return i, n
+
+
 def size_option(ctx, param, value):
     """click callback: N or WxH -> (height, width)."""
     if value is None:

@@ -5,20 +5,9 @@ import sys
 
 import click
 
-from rtkit.cli.common import engine_options, parse_extra, random_weights_option, size_option, user_errors
+from rtkit.cli.common import (engine_options, parse_extra, random_weights_option, shard_option, size_option,
+                              user_errors)
 from rtkit.engines.errors import RtkitError
-
-
-def _shard(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        i, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise click.BadParameter("expected i/n, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise click.BadParameter(f"need 0 <= i < n, got {value}")
-    return i, n
 
 
 def _devices(ctx, param, value):
@@ -144,7 +133,7 @@ Examples:
               "threaded pipeline). Default: torch with --device cuda, else cv2.")
 @click.option("--compile", "compile_", is_flag=True, help="Torch engines: run the module through "
               "torch.compile (one graph per job: the last batch is padded to the batch size).")
-@click.option("--shard", callback=_shard, metavar="I/N", help="Convert only shard I of N (0-based).")
+@click.option("--shard", callback=shard_option, metavar="I/N", help="Convert only shard I of N (0-based).")
 @click.option("--max-failures", type=click.IntRange(min=0),
               help="Stop (exit 3) once more files than this have failed in this run.")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",

@@ -5,19 +5,7 @@ import sys
 
 import click
 
-from rtkit.cli.common import user_errors
-
-
-def _shard(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        i, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise click.BadParameter("expected i/n, e.g. 0/4") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise click.BadParameter(f"need 0 <= i < n, got {value}")
-    return i, n
+from rtkit.cli.common import shard_option, user_errors
 
 
 def _t_value(ctx, param, value):
@@ -127,7 +115,7 @@ def main():
 @click.option("--batch-size", "-b", type=click.IntRange(min=1), default=8, show_default=True,
               help="Images per generator call (the UNet runs 2x that with guidance).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads of torch (default: all cores).")
-@click.option("--shard", callback=_shard, metavar="I/N", help="Generate only shard I of N of the identities.")
+@click.option("--shard", callback=shard_option, metavar="I/N", help="Generate only shard I of N of the identities.")
 @click.option("--max-failures", type=click.IntRange(min=0), help="Stop (exit 3) past this many failed images.")
 @click.option("--retry-failed", is_flag=True, help="Try images that failed in earlier runs again.")
 @click.option("--restart", is_flag=True, help="Accept changed settings and generate everything again.")
