@@ -134,16 +134,7 @@ class GenerateSummary(Summary):
             shown = ", ".join(self.failed_identities[:10])
             more = f" and {len(self.failed_identities) - 10} more" if len(self.failed_identities) > 10 else ""
             lines.append(f"  FAILED IDENTITIES ({len(self.failed_identities)}: no output at all): {shown}{more}")
-        if self.aborted:
-            lines.append("  ABORTED      more failures than --max-failures; fix the inputs and rerun "
-                         "(finished images are kept)")
-        if self.failures:
-            lines.append("  problems:")
-            for rel, why in self.failures[:max_failures_listed]:
-                lines.append(f"    {rel}: {why}")
-            if len(self.failures) > max_failures_listed:
-                lines.append(f"    ... {len(self.failures) - max_failures_listed} more in the manifest")
-        return "\n".join(lines)
+        return "\n".join(lines + self.tail_lines(max_failures_listed))
 
 
 _STAGE_NAMES = {"decode": "embed", "infer": "generate", "encode": "encode"}

@@ -138,6 +138,11 @@ class Summary:
                 for k, v in self.stage_s.items())
             + (f"   (busy seconds summed over {w['processes']} processes)" if "processes" in w else ""),
         ]
+        return "\n".join(lines + self.tail_lines(max_failures_listed))
+
+    def tail_lines(self, max_failures_listed: int = 20) -> list[str]:
+        """The summary's last lines: the abort note and the problems (any job's summary)."""
+        lines = []
         if self.aborted:
             lines.append("  ABORTED      more failures than --max-failures; fix the inputs and rerun "
                          "(finished files are kept)")
@@ -147,7 +152,7 @@ class Summary:
                 lines.append(f"    {rel}: {why}")
             if len(self.failures) > max_failures_listed:
                 lines.append(f"    ... {len(self.failures) - max_failures_listed} more in the manifest")
-        return "\n".join(lines)
+        return lines
 
 
 class StageClock:
