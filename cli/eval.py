@@ -130,8 +130,7 @@ def ijbc(engine, checkpoint, device, backend, precision, random_weights, root, d
          save_scores, batch_size, workers, cache_dir, no_cache, no_flip, label, run_id, quiet):
     """IJB-C / IJB-B 1:1 template verification: TAR at FMR, AUC, ROC."""
     from rtkit.eval.ijbc import format_ijb, run_ijb
-    from rtkit.eval.report import plot_roc
-    from rtkit.eval.results import write_result
+    from rtkit.eval.report import write_ijb_outputs
 
     with _embedder(engine, checkpoint, device, backend, precision, random_weights, batch_size, workers,
                    cache_dir, no_cache, quiet) as emb:
@@ -140,10 +139,7 @@ def ijbc(engine, checkpoint, device, backend, precision, random_weights, root, d
                              run=run_id, scores_out=save_scores)
     click.echo(format_ijb(doc))
     if out:
-        click.echo(f"wrote {write_result(doc, out)}")
-        name = f"{doc['label']} (AUC {100 * doc['auc']:.2f} %)"
-        for p in plot_roc([(name, curve.fpr, curve.tpr)], Path(out).with_suffix(""),
-                          title=f"ROC on {doc['dataset']}"):
+        for p in write_ijb_outputs(doc, curve, out):
             click.echo(f"wrote {p}")
 
 

@@ -169,6 +169,15 @@ def ijb_columns() -> list[tuple[str, str]]:
 
 # -- plots -------------------------------------------------------------------------------------
 
+def write_ijb_outputs(doc: dict, curve, out: str | Path) -> list[Path]:
+    """An IJB result document at ``out`` and its ROC beside it (.png, .pdf): what rt-eval ijbc writes."""
+    from rtkit.eval.results import write_result
+
+    name = f"{doc['label']} (AUC {100 * doc['auc']:.2f} %)"
+    return [write_result(doc, out), *plot_roc([(name, curve.fpr, curve.tpr)], Path(out).with_suffix(""),
+                                              title=f"ROC on {doc['dataset']}")]
+
+
 def plot_roc(curves, out_stem: str | Path, title: str = "ROC") -> list[Path]:
     """Write ``out_stem``.png and .pdf: TPR against FPR (log axis) for each
     ``(label, fpr, tpr)``. matplotlib is imported here only."""
