@@ -1,7 +1,6 @@
 """rt-eval: evaluate recognizers on verification .bin benchmarks and IJB-C/IJB-B, and report."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 

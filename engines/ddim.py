@@ -22,7 +22,6 @@ steps) is assumed. Guided-diffusion checkpoints are not converted here.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +33,8 @@ from rtkit.engines.checkpoint import load_state_dict_strict, read_checkpoint
 from rtkit.engines.errors import CheckpointError, RtkitError, optional_import
 from rtkit.engines.registry import Pipeline, register_model
 from rtkit.engines.spec import ModelSpec
-from rtkit.engines.sampling import (DEFAULT_DDIM_STEPS, DEFAULT_SCHEDULER_CONFIG, ddim_invert, ddim_regenerate,  # noqa: F401
-                                    inversion_count, make_schedulers, translate_with_step)
+from rtkit.engines.sampling import (DEFAULT_DDIM_STEPS, DEFAULT_SCHEDULER_CONFIG, ddim_invert, ddim_regenerate,
+                                    inversion_count)
 from rtkit.engines.spec import TensorSpec
 
 DEFAULT_STEPS = DEFAULT_DDIM_STEPS

@@ -29,18 +29,16 @@ and saves a third of the work: 84.8 instead of 125.6 GFLOP per evaluation at 256
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rtkit.engines.checkpoint import load_state_dict_strict, read_checkpoint, unwrap
 from rtkit.engines.registry import Pipeline, register_model
-from rtkit.engines.sampling import (DEFAULT_NFE, DEFAULT_TAU, SeededNoise, StepFn, bridge_times,  # noqa: F401
-                                    per_sample_seeds, sample)
+from rtkit.engines.sampling import DEFAULT_NFE, DEFAULT_TAU, sample
 from rtkit.engines.spec import ModelSpec, TensorSpec
 
 SPEC = ModelSpec(task="translate", input_size=None, value_range=(-1.0, 1.0), channels="RGB",

@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import math
 import os
 import shutil
 import tempfile
@@ -65,8 +64,7 @@ from torch import nn
 from rtkit.engines.errors import EngineError, optional_import
 from rtkit.engines.card import METADATA_KEY, EngineCard, Part, build_info, write_card
 from rtkit.engines.spec import ModelSpec
-from rtkit.export.graph import (DEFAULT_SIDE, batch_profile, EXPORT_BATCH, INPUT_NAME, ExportGraph,  # noqa: F401
-                                default_export_inputs, default_image_size, example_input, export_graph,
+from rtkit.export.graph import (EXPORT_BATCH, INPUT_NAME, ExportGraph, batch_profile, export_graph,
                                 export_inputs, export_spec, export_target, output_name_for, resolve_model)
 
 PRECISIONS = ("fp32", "fp16")

@@ -10,7 +10,6 @@ were refused and a zeroed JPEG scan was accepted; SIGTERM printed tracebacks.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal

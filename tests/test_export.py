@@ -24,7 +24,7 @@ from rtkit.engines.errors import EngineError, MissingDependency
 from rtkit.engines.card import METADATA_KEY, EngineCard, read_card
 from rtkit.engines.spec import ModelSpec, TensorSpec
 from rtkit.export import check_parity, to_onnx, to_plan
-from rtkit.export.onnx import export_inputs, export_spec
+from rtkit.export.graph import export_inputs, export_spec
 from rtkit.export.parity import Tolerance, default_tolerance
 from rtkit.runtime import open_engine
 

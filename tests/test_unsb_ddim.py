@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from rtkit.engines import CheckpointError, MissingDependency, RtkitError, create, num_params
-from rtkit.engines.unsb import (UNSBGenerator, UNSBTranslator, bridge_times, per_sample_seeds,
-                                sample)
+from rtkit.engines.sampling import bridge_times, per_sample_seeds, sample
 
 GOLDEN = Path(__file__).parent / "golden" / "unsb_tiny_nfe5_seed0.safetensors"
 # Official key list (cyclomon/UNSB @ d1f644f7): keys, shapes, param/buffer kinds.

@@ -246,7 +246,7 @@ class UNSBMethod(CUTFamilyMethod):
         return total / len(self.layers)
 
     def train_step(self, batch):
-        from rtkit.engines.unsb import bridge_times
+        from rtkit.engines.sampling import bridge_times
 
         real_a, real_a2, real_b = batch["source"], batch["source2"], batch["target"]
         G, D, E, o = self.generator, self.discriminator, self.energy, self.opts
