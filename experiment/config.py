@@ -301,7 +301,7 @@ test_identities = 40          # the benchmarks' people
 
 [translators]                 # rtkit-trained, unpaired; any TranslatorConfig field can be set here
 methods = ["decent"]          # paper: ["vsait", "decent", "unsb"] (+ CodeFormer, DDIM, Digi2Real engines)
-preset = "tiny"               # rtkit.train.presets; paper: the published recipes (no preset)
+preset = "tiny"               # rtkit.train.presets; "none": the published recipe (the paper's)
 steps = 600
 crop_size = 64
 val_every = 50                # held-out style gap every N steps; the lowest gap is kept as "best"
