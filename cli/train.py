@@ -23,7 +23,7 @@ def main():
 @user_errors
 def demo_translator(out, force, steps, seed):
     """Train the bundled render2photo translator on the sample dataset (paired twins: blurred L1,
-    texture-energy L1 and a small PatchGAN; one CPU thread, about 8 minutes).
+    texture-energy L1 and a small PatchGAN; one CPU thread, 3.3 CPU-minutes: 4-8 minutes).
 
     `rt-train demo-translator --out engines/bundled --force` reproduces the engine shipped in
     engines/bundled/ (the demo's): byte for byte on the machine that made it, the card's held-out

@@ -18,8 +18,9 @@ files; without --force the command refuses to write over existing engine files, 
 default folder is runs/demo-translator. The run is deterministic: one torch thread (default
 ``threads=1``), ``torch.use_deterministic_algorithms``, all randomness from seeded generators
 and the sample world (numpy Philox, the same bits on every machine). On one machine and torch
-build two runs give byte-identical weights (tests/test_bundled.py checks this on a short run;
-the full recipe was run twice on the development machine with the same sha256). Across CPUs
+build two runs give byte-identical files (tests/test_bundled.py checks this on a short run; the
+full recipe, 3000 steps, 3.3 CPU-minutes, 7.4 minutes wall on a loaded 2-core machine, was run
+twice there, concurrently: .safetensors, .onnx and .json had the same sha256 both times). Across CPUs
 (another SIMD width, another oneDNN kernel) or torch versions the float rounding of
 convolutions differs, the runs diverge slowly and the weights differ in their bits; what is
 reproduced there is the recipe's outcome: the held-out figures recorded in the card's
