@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"engines": "rtkit.engines", "export": "rtkit.export", "runtime": "rtkit.runtime",
-            "datasets": "rtkit.datasets", "train": "rtkit.train", "eval": "rtkit.eval", "cli": "rtkit.cli"}
+            "datasets": "rtkit.datasets", "train": "rtkit.train", "eval": "rtkit.eval", "cli": "rtkit.cli",
+            "experiment": "rtkit.experiment"}
 
 
 def _modules() -> dict[str, Path]:

@@ -42,6 +42,7 @@ def test_light_modules_do_not_import_torch():
     ["train", "recognizer"], ["train", "translator"], ["train", "demo-translator"],
     ["eval", "verify"], ["eval", "ijbc"], ["eval", "report"], ["eval", "make-bin"],
     ["generate"], ["generate", "digi2real"], ["generate", "digi2real-delta"], ["bench", "generate"],
+    ["experiment"], ["experiment", "run"], ["experiment", "init"],
 ])
 def test_cli_help_does_not_import_torch(argv):
     out = run_python("""
