@@ -1,8 +1,8 @@
 """The output folder of a job: what it may be, and who may write into it.
 
 - ``check_folders(src, out)``: refused before any work: OUT == SRC (also through symlinks), SRC
-  inside OUT, and any OUT where an output could land on a source file. OUT inside SRC is allowed
-  (the walk leaves it out).
+  inside OUT, and a folder anywhere in OUT that links into SRC (outputs would land on source
+  files). OUT inside SRC is allowed (the walk leaves it out).
 - ``OutputLock``: one job at a time holds a folder's manifest (an exclusive ``flock`` on
   ``.rtkit/<manifest>.lock``; a second run is told who holds it). Every process that writes
   outputs (the main process, conversion processes, device workers) also holds a shared lock on
@@ -40,15 +40,16 @@ def check_folders(src: str | Path, out: str | Path) -> None:
     if _inside(src_r, out_r):
         raise RtkitError(f"the source folder {src} is inside OUT {out}: outputs could land on source "
                          f"files; choose an output folder outside the sources")
-    if _inside(out_r, src_r):
-        # Allowed (the walk skips OUT), unless OUT reaches back into SRC through a symlink inside it.
+    # OUT inside SRC is allowed (the walk skips OUT). Either way no folder in OUT may be a link
+    # into SRC: outputs written through it would overwrite source files. (A linked *file* is
+    # safe: outputs replace the link itself, never its target.)
+    if out_r.is_dir():
         for dirpath, dirnames, _ in os.walk(out_r, followlinks=False):
             for d in dirnames:
-                target = _real(Path(dirpath) / d)
-                if (Path(dirpath) / d).is_symlink() and _inside(target, src_r) and not _inside(target, out_r):
-                    raise RtkitError(f"{Path(dirpath) / d} in OUT links into the sources; outputs "
-                                     f"written through it would overwrite source files")
-            break  # only the top level: deeper folders are created by rtkit itself
+                link = Path(dirpath) / d
+                if link.is_symlink() and _inside(_real(link), src_r) and not _inside(_real(link), out_r):
+                    raise RtkitError(f"{link} in OUT links into the sources; outputs written through it "
+                                     f"would overwrite source files")
 
 
 class LockedError(RtkitError):

@@ -86,6 +86,18 @@ def test_output_folder_that_would_overwrite_sources_is_refused(faces, tmp_path, 
     assert not (src / ".rtkit").exists()
 
 
+def test_a_folder_in_output_linking_into_the_sources_is_refused(faces, tmp_path):
+    src = _copy(faces, tmp_path / "src")
+    before = _tree_hash(src)
+    out = tmp_path / "out"
+    (out / "deep").mkdir(parents=True)
+    (out / "deep" / "0").symlink_to(src / "0", target_is_directory=True)
+    (out / "1").symlink_to(src / "1", target_is_directory=True)
+    with pytest.raises(RtkitError, match="links into the sources"):
+        convert(BUNDLED_ONNX, src, out, progress=False)
+    assert _tree_hash(src) == before
+
+
 def test_output_inside_the_source_is_allowed_and_left_out(faces, tmp_path):
     src = _copy(faces, tmp_path / "faces")
     s = convert(BUNDLED_ONNX, src, src / "converted", progress=False)
