@@ -83,6 +83,7 @@ Exit codes: 0 done; 1 user error; 2 some images failed; 3 stopped by --max-failu
 Examples:
   rt-generate digi2real --models models --base sd15 -r models/antelopev2/arcface.onnx digiface/ d2r/
   rt-generate digi2real --engine arc2face.json --device cuda -b 32 -r arcface.onnx digiface/ d2r/ --shard 0/8
+  rt-generate digi2real --engine arc2face.json --device cuda -r arcface.onnx --executor ray --ray-address HEAD:6379 digiface/ d2r/
   rt-generate digi2real-delta --models models --base sd15 -r arcface.onnx --real ffhq112/ --synthetic digiface/ -o delta.safetensors
 """
 
@@ -119,12 +120,21 @@ def main():
 @click.option("--max-failures", type=click.IntRange(min=0), help="Stop (exit 3) past this many failed images.")
 @click.option("--retry-failed", is_flag=True, help="Try images that failed in earlier runs again.")
 @click.option("--restart", is_flag=True, help="Accept changed settings and generate everything again.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: the generator in this process; ray: one generator actor per GPU (--device cuda) "
+              "or CPU of a Ray cluster, the manifest and the ID embeddings kept here (needs rtkit[ray]).")
+@click.option("--ray-address", metavar="HOST:PORT", help="--executor ray: the cluster to use (default: "
+              "$RAY_ADDRESS, else a new local cluster).")
+@click.option("--ray-cpus", type=click.IntRange(min=1), help="--executor ray: CPUs of the local cluster "
+              "(default: this machine's cores).")
+@click.option("--ray-actors", type=click.IntRange(min=1), help="--executor ray: generator actors (default: "
+              "one per GPU of the cluster with --device cuda, else one per CPU).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @user_errors
 def digi2real_cmd(src, out, models, base, engine, model, random_weights, recognizer, recognizer_checkpoint,
                   detector, det_size, device, backend, precision, vae_precision, per_identity, t, delta, steps,
                   guidance, scheduler, seed, frame, align, detect_sources, out_size, batch_size, threads, shard,
-                  max_failures, retry_failed, restart, quiet):
+                  max_failures, retry_failed, restart, executor, ray_address, ray_cpus, ray_actors, quiet):
     """Regenerate the identities of SRC (DigiFace layout) as realistic faces into OUT."""
     from rtkit.runtime.generate import run_digi2real
 
@@ -139,7 +149,8 @@ def digi2real_cmd(src, out, models, base, engine, model, random_weights, recogni
                             random_weights=random_weights, backend=backend, per_identity=per_identity, t=t,
                             frame=frame, align=align, detect_sources=detect_sources, out_size=out_size,
                             batch_size=batch_size, shard=shard, max_failures=max_failures,
-                            retry_failed=retry_failed, restart=restart, progress=not quiet)
+                            retry_failed=retry_failed, restart=restart, progress=not quiet, executor=executor,
+                            ray_address=ray_address, ray_cpus=ray_cpus, ray_actors=ray_actors)
     click.echo(summary.table())
     sys.exit(summary.exit_code)
 

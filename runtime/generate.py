@@ -24,7 +24,11 @@ splits the sorted identities. A corrupt source image is recorded in the manifest
 row ``source:<relpath>`` with its reason and left out of its identity; an identity with no
 usable source fails all its outputs and is reported.
 
-Outputs do not depend on sharding or resume, byte for byte: every generator call runs at the
+``executor="ray"`` sends each batch of ID vectors to generator actors on a Ray cluster
+(runtime/ray_executor.py RayPool, as rt-convert --executor ray); the driver keeps the manifest,
+the recorder and the embedding cache, and the actors write through the same generate_batch.
+
+Outputs do not depend on sharding, resume or executor, byte for byte: every generator call runs at the
 same batch shape (the last batch is padded by repeating its last row), and at a fixed shape a
 row's result does not depend on its position or its neighbours (measured on CPU; torch and ONNX
 Runtime kernels do not mix rows). Runs with different ``batch_size`` agree within BLAS rounding
@@ -120,6 +124,7 @@ class GenerateSummary(Summary):
             f"  source       {self.src}   ({self.identities} identities in this shard)",
             f"  output       {self.out}",
             f"  manifest     {self.manifest}",
+            f"  executor     {self.executor}",
             f"  images       {self.total}   generated {self.converted}   already done {self.already_done}   "
             f"adopted {self.adopted}" + (f"   redone {self.redone}" if self.redone else ""),
             f"  failed       {self.failed + self.failed_before}"
@@ -423,12 +428,21 @@ class _Prepared:
 
 def digi2real(gen: Runner, recognizer: Recognizer, src: str | Path, out: str | Path,
               opts: GenerateOptions | None = None, *, detector=None, detector_id: str | None = None,
-              t_start: float | None = None) -> GenerateSummary:
+              t_start: float | None = None, executor: str = "local", generator_args: dict | None = None,
+              ray_address: str | None = None, ray_cpus: int | None = None,
+              ray_actors: int | None = None) -> GenerateSummary:
     """Generate ``opts.per_identity`` realistic ArcFace-112 crops per DigiFace identity of SRC into
-    OUT/<identity>/<k>.png as a resumable job; returns the summary (see the module docstring)."""
+    OUT/<identity>/<k>.png as a resumable job; returns the summary (see the module docstring).
+
+    ``executor="ray"`` runs the generator calls in actors on a Ray cluster (runtime/ray_executor.py
+    RayPool: the one at ``ray_address``, else a local one of ``ray_cpus`` CPUs; ``ray_actors``
+    actors, default one per GPU or CPU), each opening the generator from ``generator_args``
+    (open_generator's keywords, the same generator as ``gen``); this process keeps the manifest and
+    computes the ID vectors with ``recognizer``. The files are the local executor's bytes."""
     t_start = time.perf_counter() if t_start is None else t_start
     opts = opts or GenerateOptions()
     opts.validate()
+    check_executor_options(executor, generator_args, opts, ray_address, ray_cpus, ray_actors)
     if (opts.align == "detect" or opts.detect_sources) and detector is None:
         raise RtkitError(f"{'--align detect' if opts.align == 'detect' else '--detect-sources'} needs "
                          f"--detector (an insightface detector ONNX, e.g. antelopev2/scrfd_10g_bnkps.onnx)")
@@ -442,16 +456,65 @@ def digi2real(gen: Runner, recognizer: Recognizer, src: str | Path, out: str | P
         mpath.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RtkitError(f"cannot write into the output folder {out}: {e.strerror or e}") from None
-    with OutputLock(mpath):
-        return _run(gen, recognizer, src, out, mpath, opts, detector, detector_id, t_start)
+    with OutputLock(mpath) as lock:
+        pool = None
+        if executor == "ray":
+            pool = _ray_pool(generator_args, opts, str(lock.writers_path), ray_address, ray_cpus, ray_actors)
+        try:
+            return _run(gen, recognizer, src, out, mpath, opts, detector, detector_id, t_start, pool)
+        finally:
+            if pool is not None:
+                pool.close()
 
 
-def _run(gen, recognizer, src, out, mpath, opts, detector, detector_id, t_start) -> GenerateSummary:
+def check_executor_options(executor: str, generator_args: dict | None, opts: GenerateOptions,
+                           address: str | None, num_cpus: int | None, actors: int | None) -> None:
+    """Refuse executor option mixes before any folder, model or cluster is touched."""
+    if executor not in ("local", "ray"):
+        raise RtkitError(f"--executor must be 'local' or 'ray', got {executor!r}")
+    if executor == "local":
+        if (address, num_cpus, actors) != (None, None, None):
+            raise RtkitError("--ray-address, --ray-cpus and --ray-actors need --executor ray")
+        return
+    if generator_args is None:
+        raise RtkitError("executor 'ray' needs generator_args (open_generator's keywords): the actors "
+                         "open the generator themselves")
+    if opts.align == "detect":
+        raise RtkitError("--align detect runs the detector in this process only; with --executor ray "
+                         "use --align warp")
+    if address and num_cpus is not None:
+        raise RtkitError("--ray-cpus sizes a local Ray cluster; a cluster at --ray-address has its own")
+    for name, v in (("--ray-cpus", num_cpus), ("--ray-actors", actors)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise RtkitError(f"{name} must be an integer of at least 1, got {v!r}")
+    from rtkit.runtime.ray_executor import require_ray
+
+    require_ray()
+
+
+def _ray_pool(generator_args: dict, opts: GenerateOptions, writers_lock: str, address, num_cpus, actors):
+    from rtkit.runtime.ray_executor import RayPool
+
+    args = dict(generator_args)
+    for key in ("engine", "models", "base"):  # actors run in other folders and on other machines
+        if args.get(key) is not None:
+            args[key] = os.path.abspath(args[key])
+    on_gpu = str(args.get("device", "cpu")).startswith("cuda")
+    if on_gpu:
+        args["device"] = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU
+    delta = opts.delta
+    cond_delta = delta.applied() if delta is not None and delta.space == "conditioning" else None
+    worker_opts = dataclasses.replace(opts, delta=None, progress=False)  # "id" Deltas are applied here
+    return RayPool(GenerateWorker, (args, worker_opts, cond_delta), writers_lock, on_gpu=on_gpu,
+                   label="rt-generate", address=address, num_cpus=num_cpus, actors=actors)
+
+
+def _run(gen, recognizer, src, out, mpath, opts, detector, detector_id, t_start, pool=None) -> GenerateSummary:
     identities, problems = scan_identities(src, out)
     if not identities:
         raise RtkitError(f"{src} has no identity folders with images (DigiFace layout: SRC/<identity>/<image>)")
     summary = GenerateSummary(engine=gen.describe(), src=str(src), out=str(out), manifest=str(mpath),
-                              executor="main thread", source="cpu")
+                              executor=pool.name if pool is not None else "main thread", source="cpu")
     plan = plan_outputs(identities, opts)
     shard_idents = {output_index(rel)[0] for rel, _, _ in plan.images}
     summary.identities = len(shard_idents)
@@ -480,7 +543,7 @@ def _run(gen, recognizer, src, out, mpath, opts, detector, detector_id, t_start)
         try:
             if todo:
                 _generate(gen, recognizer, src, out, todo, by_name, opts, man, summary, rec, clock,
-                          detector, detector_id, listed, bad_sources)
+                          detector, detector_id, listed, bad_sources, pool)
             state = "aborted" if summary.aborted else "finished"
         except BaseException as e:
             state = "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "failed"
@@ -508,10 +571,10 @@ def _run(gen, recognizer, src, out, mpath, opts, detector, detector_id, t_start)
 
 
 def _generate(gen, recognizer, src, out, todo, by_name, opts, man, summary, rec, clock, detector,
-              detector_id, listed, bad_sources) -> None:
+              detector_id, listed, bad_sources, pool=None) -> None:
     import torch
 
-    from rtkit.engines.digi2real import align_faces, draw_t, slerp, to_arcface112
+    from rtkit.engines.digi2real import draw_t, slerp
 
     src_det = detector if opts.detect_sources else None
     cache = EmbeddingCache(out / MANIFEST_DIR / EMBEDDINGS_DIR, recognizer, detector=src_det,
@@ -520,8 +583,6 @@ def _generate(gen, recognizer, src, out, todo, by_name, opts, man, summary, rec,
     delta = opts.delta
     cond_delta = delta.applied() if delta is not None and delta.space == "conditioning" else None
     id_dim = generator_id_dim(gen)
-    out_spec = ModelSpec(task="generate", input_size=(opts.out_size, opts.out_size), value_range=(-1.0, 1.0),
-                         channels="RGB", alignment="arcface112", resize="native")
     todo = sorted(todo, key=lambda it: (output_index(it.relpath)[0], output_index(it.relpath)[1]))
     prepared: dict[str, _Prepared] = {}
     made_dirs: set[str] = set()
@@ -569,61 +630,114 @@ def _generate(gen, recognizer, src, out, todo, by_name, opts, man, summary, rec,
         prepared[name] = p
         return p
 
-    for i in range(0, len(todo), b):
-        if rec.stop.is_set():
-            break
-        items: list[WorkItem] = []
-        failed: list[tuple[str, str]] = []
-        vectors = []
-        for it in todo[i:i + b]:
-            name, k = output_index(it.relpath)
-            p = prepare(name)
-            if p.problem is not None:
-                failed.append((it.relpath, p.problem))
-                continue
-            e_j = p.embeddings[k % len(p.embeddings)]
-            t = draw_t(opts.t if isinstance(opts.t, (int, float)) else tuple(opts.t), t_seed(it.relpath, base))
-            v = slerp(torch.from_numpy(p.proto), torch.from_numpy(e_j), t)
-            if delta is not None and delta.space == "id":
-                v = delta.apply(v[None])[0]
-            vectors.append(v.float())
-            it.out_hw = (opts.out_size, opts.out_size)
-            items.append(it)
-        if items:
-            t0 = time.perf_counter()
-            keys = [it.relpath for it in items]
-            ids = torch.stack(vectors)
-            pad = b - len(items)  # one batch shape for every call: outputs never depend on the split
-            if pad:
-                ids = torch.cat([ids, ids[-1:].expand(pad, -1)])
-                keys += [keys[-1]] * pad
-            extra = {"delta": cond_delta} if cond_delta is not None else {}
-            images = torch.as_tensor(gen.infer(ids, keys=keys, **extra))[:len(items)].float().cpu()
-            t1 = time.perf_counter()
-            clock.add("infer", t1 - t0)
-            if opts.align == "detect":
-                crops, keep = [], []
-                rgb = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-                for it, im in zip(items, rgb):
-                    try:
-                        crops.append(align_faces([im], detector, out_size=opts.out_size, names=[it.relpath])[0])
-                        keep.append(it)
-                    except RtkitError as e:
-                        failed.append((it.relpath, str(e)))
-                items = keep
-                y = (np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
-                     if crops else np.zeros((0, 3, opts.out_size, opts.out_size), np.float32))
-            else:
-                y = to_arcface112(images, frame=opts.frame, out_size=opts.out_size).numpy()
-            rec.mark_running(items)  # before any output of the batch can exist
-            done, bad, fatal = encode_batch(items, y, out_spec, "png", 95, made_dirs)
-            clock.add("encode", time.perf_counter() - t1)
-            rec.add(done, failed + bad, fatal)
-        else:
-            rec.add([], failed)
-        rec.flush(every=0.5)
+    def batches():
+        """(items, ID vectors) per generator call; outputs that cannot be made are recorded here."""
+        for i in range(0, len(todo), b):
+            if rec.stop.is_set():
+                return
+            items: list[WorkItem] = []
+            failed: list[tuple[str, str]] = []
+            vectors = []
+            for it in todo[i:i + b]:
+                name, k = output_index(it.relpath)
+                p = prepare(name)
+                if p.problem is not None:
+                    failed.append((it.relpath, p.problem))
+                    continue
+                e_j = p.embeddings[k % len(p.embeddings)]
+                t = draw_t(opts.t if isinstance(opts.t, (int, float)) else tuple(opts.t), t_seed(it.relpath, base))
+                v = slerp(torch.from_numpy(p.proto), torch.from_numpy(e_j), t)
+                if delta is not None and delta.space == "id":
+                    v = delta.apply(v[None])[0]
+                vectors.append(v.float())
+                it.out_hw = (opts.out_size, opts.out_size)
+                items.append(it)
+            if failed:
+                rec.add([], failed)
+            if items:
+                yield items, torch.stack(vectors)
+            rec.flush(every=0.5)
+
+    if pool is not None:
+        def record(result):
+            done, bad, fatal, infer_s, encode_s = result
+            rec.add(done, bad, fatal)
+            clock.add("infer", infer_s)
+            clock.add("encode", encode_s)
+
+        # Actors get absolute output paths and plain arrays: only names and ID vectors cross the cluster.
+        pool.run(((items, ([WorkItem(it.relpath, os.path.abspath(it.out), it.out_hw) for it in items],
+                           ids.numpy())) for items, ids in batches()), record, rec)
+        return
+    for items, ids in batches():
+        rec.mark_running(items)  # before any output of the batch can exist
+        done, bad, fatal, infer_s, encode_s = generate_batch(gen, items, ids, opts, cond_delta, detector, made_dirs)
+        clock.add("infer", infer_s)
+        clock.add("encode", encode_s)
+        rec.add(done, bad, fatal)
         if rec.fatal:
             break
+
+
+def generate_batch(gen: Runner, items: list[WorkItem], ids, opts: GenerateOptions, cond_delta, detector,
+                   made_dirs: set[str]):
+    """One generator call over ``ids`` (one ID vector per item), the crops aligned and written
+    atomically to each item's ``out``: (done, failures, folder error, infer s, encode s). Every call
+    runs at ``opts.batch_size`` rows (the last rows repeated), so no output depends on the split."""
+    import torch
+
+    from rtkit.engines.digi2real import align_faces, to_arcface112
+
+    t0 = time.perf_counter()
+    b = opts.batch_size
+    out_spec = ModelSpec(task="generate", input_size=(opts.out_size, opts.out_size), value_range=(-1.0, 1.0),
+                         channels="RGB", alignment="arcface112", resize="native")
+    keys = [it.relpath for it in items]
+    ids = torch.as_tensor(ids)
+    pad = b - len(items)
+    if pad:
+        ids = torch.cat([ids, ids[-1:].expand(pad, -1)])
+        keys += [keys[-1]] * pad
+    extra = {"delta": cond_delta} if cond_delta is not None else {}
+    images = torch.as_tensor(gen.infer(ids, keys=keys, **extra))[:len(items)].float().cpu()
+    t1 = time.perf_counter()
+    failed: list[tuple[str, str]] = []
+    if opts.align == "detect":
+        crops, keep = [], []
+        rgb = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for it, im in zip(items, rgb):
+            try:
+                crops.append(align_faces([im], detector, out_size=opts.out_size, names=[it.relpath])[0])
+                keep.append(it)
+            except RtkitError as e:
+                failed.append((it.relpath, str(e)))
+        items = keep
+        y = (np.stack(crops).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+             if crops else np.zeros((0, 3, opts.out_size, opts.out_size), np.float32))
+    else:
+        y = to_arcface112(images, frame=opts.frame, out_size=opts.out_size).numpy()
+    done, bad, fatal = encode_batch(items, y, out_spec, "png", 95, made_dirs)
+    return done, failed + bad, fatal, t1 - t0, time.perf_counter() - t1
+
+
+class GenerateWorker:
+    """A Ray generation actor's work (runtime/ray_executor.py BatchActor): the generator opened
+    once from ``generator_args`` (open_generator's keywords), then batches of (items, ID vectors)
+    through generate_batch, so its files are the local run's bytes."""
+
+    def __init__(self, generator_args: dict, opts: GenerateOptions, cond_delta):
+        args = dict(generator_args)
+        if not str(args.get("device", "cpu")).startswith("cuda"):
+            import torch
+
+            torch.set_num_threads(1)  # one CPU per actor, as Ray counts it
+        self.gen = open_generator(**args)
+        self.opts, self.cond_delta = opts, cond_delta
+        self.made_dirs: set[str] = set()
+
+    def __call__(self, payload):
+        items, ids = payload
+        return generate_batch(self.gen, items, ids, self.opts, self.cond_delta, None, self.made_dirs)
 
 
 def run_digi2real(src: str | Path, out: str | Path, *, recognizer: str | Path, engine: str | Path | None = None,
@@ -632,14 +746,22 @@ def run_digi2real(src: str | Path, out: str | Path, *, recognizer: str | Path, e
                   recognizer_checkpoint: str | Path | None = None, detector: str | Path | None = None,
                   det_size: int | None = None, delta: str | Path | None = None, steps: int | None = None,
                   guidance: float | None = None, scheduler: str | None = None, seed: int | None = None,
-                  random_weights: bool = False, backend: str | None = None, **options) -> GenerateSummary:
+                  random_weights: bool = False, backend: str | None = None, executor: str = "local",
+                  ray_address: str | None = None, ray_cpus: int | None = None, ray_actors: int | None = None,
+                  **options) -> GenerateSummary:
     """What ``rt-generate digi2real`` runs: options checked and folders refused before any model
     loads, then the generator, recognizer, optional detector and Delta file opened and
     ``digi2real`` run. ``options``: the fields of GenerateOptions (per_identity, t, frame, align,
-    out_size, batch_size, shard, restart, retry_failed, max_failures, progress)."""
+    out_size, batch_size, shard, restart, retry_failed, max_failures, progress). ``executor="ray"``
+    runs the generator in Ray actors (see ``digi2real``)."""
     t_start = time.perf_counter()
     opts = GenerateOptions(**options)
     opts.validate()
+    settings = {"steps": steps, "guidance": guidance, "scheduler": scheduler, "seed": seed}
+    generator_args = dict(engine=engine, models=models, base=base, model=model, device=device, precision=precision,
+                          vae_precision=vae_precision, settings=settings, random_weights=random_weights,
+                          backend=backend)
+    check_executor_options(executor, generator_args, opts, ray_address, ray_cpus, ray_actors)
     if not Path(src).is_dir():
         raise RtkitError(f"source folder not found: {src}")
     check_folders(src, out)
@@ -656,17 +778,16 @@ def run_digi2real(src: str | Path, out: str | Path, *, recognizer: str | Path, e
         det = FaceDetector(detector, det_size=det_size or DET_SIZE)
         det_id = f"{file_sha256(detector)}:{det_size or DET_SIZE}"
     opts.delta = delta_obj
-    settings = {"steps": steps, "guidance": guidance, "scheduler": scheduler, "seed": seed}
     rec = open_recognizer(recognizer, device=device, checkpoint=recognizer_checkpoint)
     try:
-        gen = open_generator(engine=engine, models=models, base=base, model=model, device=device,
-                             precision=precision, vae_precision=vae_precision, settings=settings,
-                             random_weights=random_weights, backend=backend)
+        gen = open_generator(**generator_args)
         try:
             if delta_obj is not None and delta_obj.space == "conditioning":
                 _check_delta_shape(gen, delta_obj)
             # Sources are taken as aligned crops unless a detector is given (DigiFace crops are aligned).
-            return digi2real(gen, rec, src, out, opts, detector=det, detector_id=det_id, t_start=t_start)
+            return digi2real(gen, rec, src, out, opts, detector=det, detector_id=det_id, t_start=t_start,
+                             executor=executor, generator_args=generator_args, ray_address=ray_address,
+                             ray_cpus=ray_cpus, ray_actors=ray_actors)
         finally:
             gen.close()
     finally:
@@ -800,7 +921,8 @@ def time_generator(gen: Runner, *, batch_sizes: Sequence[int] = (1, 4, 8), steps
     return rows
 
 
-__all__ = ["GenerateOptions", "GenerateSummary", "digi2real", "run_digi2real", "open_generator", "torch_generator",
+__all__ = ["GenerateOptions", "GenerateSummary", "digi2real", "generate_batch", "GenerateWorker",
+           "check_executor_options", "run_digi2real", "open_generator", "torch_generator",
            "open_recognizer", "Recognizer", "generator_id_dim", "scan_identities", "Identity",
            "EmbeddingCache", "plan_outputs", "job_config", "output_relpath", "output_index", "t_seed",
            "delta_from_sets", "embed_tree", "time_generator", "SOURCE_KEY", "DEFAULT_PER_IDENTITY"]

@@ -1,4 +1,9 @@
-"""The Ray executor: runner actors on a Ray cluster, one per GPU (or CPU), the driver owns the job.
+"""The Ray executor: batch actors on a Ray cluster, one per GPU (or CPU), the driver owns the job.
+
+RayPool is the machinery (actors, submission, replacement of dead actors, writers lock); what an
+actor does with a batch is its worker: ConvertWorker here for rt-convert, GenerateWorker
+(runtime/generate.py) for rt-generate digi2real, where the driver computes the ID vectors and
+the actors run the generator and write the crops.
 
 Why actors and not Ray Data: each actor opens its engine once and converts whole batches with
 ``stages.convert_batch``, reading SRC and writing OUT itself (a filesystem every node mounts at
@@ -28,11 +33,13 @@ What holds where:
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from rtkit.engines.errors import RtkitError, optional_import
 from rtkit.runtime.job import ConvertOptions, Recorder, StageClock
@@ -79,12 +86,13 @@ def _absolute(engine_args: dict) -> dict:
     return args
 
 
-class RunnerActor:
-    """One engine on one Ray worker process, converting whole batches (made a Ray actor by
-    RayExecutor; a plain class so that importing this module needs no Ray)."""
+class BatchActor:
+    """One Ray worker process running whole batches through a worker built once in it,
+    ``make_worker(*worker_args)`` (a callable: batch payload -> result). Made a Ray actor by
+    RayPool; a plain class so that importing this module needs no Ray."""
 
-    def __init__(self, engine_args: dict, src_root: str, opts: ConvertOptions, writers_lock: str,
-                 driver_node: str, driver_pid: int | None):
+    def __init__(self, make_worker, worker_args: tuple, writers_lock: str, driver_node: str,
+                 driver_pid: int | None):
         self.error: BaseException | None = None
         try:
             import ray
@@ -103,13 +111,7 @@ class RunnerActor:
             import cv2
 
             cv2.setNumThreads(1)  # one core per actor: the actors overlap one another
-            from rtkit.runtime.runners import open_engine
-
-            self.runner = open_engine(**engine_args)
-            self.spec = self.runner.spec
-            self.source = CpuSource(src_root, spng=True)
-            self.opts = opts
-            self.made_dirs: set[str] = set()
+            self.worker = make_worker(*worker_args)
         except Exception as e:  # reported by ready(), where the driver can raise it as it is
             self.error = e
 
@@ -118,7 +120,24 @@ class RunnerActor:
             raise self.error
         return os.getpid()
 
-    def convert(self, pairs: list[tuple[str, str]]):
+    def run(self, payload):
+        return self.worker(payload)
+
+
+class ConvertWorker:
+    """rt-convert's batch work in an actor: one engine, batches of (relpath, absolute output path)
+    decoded from SRC, converted and written by ``stages.convert_batch``."""
+
+    def __init__(self, engine_args: dict, src_root: str, opts: ConvertOptions):
+        from rtkit.runtime.runners import open_engine
+
+        self.runner = open_engine(**engine_args)
+        self.spec = self.runner.spec
+        self.source = CpuSource(src_root, spng=True)
+        self.opts = opts
+        self.made_dirs: set[str] = set()
+
+    def __call__(self, pairs: list[tuple[str, str]]):
         items = [WorkItem(rel, out) for rel, out in pairs]
         return convert_batch(self.runner, items, self.source, self.spec, self.opts, self.made_dirs)
 
@@ -140,26 +159,28 @@ def _reason(e: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-class RayExecutor:
-    """Runner actors on a Ray cluster: the one at ``address`` (or $RAY_ADDRESS), else a new local
+class RayPool:
+    """Batch actors on a Ray cluster: the one at ``address`` (or $RAY_ADDRESS), else a new local
     one of ``num_cpus`` CPUs; an already initialised Ray session is used as it is (and left
-    running). ``actors``: default one per GPU of the cluster for a CUDA engine, else one per CPU.
-    ``writers_lock`` is the run's writers lock file (OutputLock.writers_path)."""
+    running). ``actors``: default one per GPU of the cluster (``on_gpu``), else one per CPU. Each
+    actor builds ``make_worker(*worker_args)`` once. ``writers_lock`` is the run's writers lock
+    file (OutputLock.writers_path); ``label`` names the actors and the log lines (rt-convert)."""
 
-    def __init__(self, engine_args: dict, src: str | Path, opts: ConvertOptions, writers_lock: str, *,
-                 address: str | None = None, num_cpus: int | None = None, actors: int | None = None):
+    def __init__(self, make_worker, worker_args: tuple, writers_lock: str, *, on_gpu: bool,
+                 label: str, address: str | None = None, num_cpus: int | None = None,
+                 actors: int | None = None):
         ray = require_ray()
         self.ray = ray
-        self.opts = opts
+        self.label = label
+        self.on_gpu = on_gpu
         self.slots: list[_Slot] = []
         self.waiting: dict = {}  # ObjectRef -> (what, slot, generation, batch index)
         self.own_session = False
         self.where = "connected session"
-        self.on_gpu = str(engine_args.get("device", "cpu")).startswith("cuda")
         if not ray.is_initialized():
             self._connect(address, num_cpus)
         try:
-            self._start_actors(engine_args, src, writers_lock, actors)
+            self._start_actors(make_worker, worker_args, writers_lock, actors)
         except BaseException:
             self.close()
             raise
@@ -179,25 +200,20 @@ class RayExecutor:
         self.own_session = True
         self.where = address or "local cluster"
 
-    def _start_actors(self, engine_args: dict, src, writers_lock: str, actors: int | None) -> None:
+    def _start_actors(self, make_worker, worker_args: tuple, writers_lock: str, actors: int | None) -> None:
         ray = self.ray
         on_gpu = self.on_gpu
         resources = ray.cluster_resources()
         n = actors or int(resources.get("GPU" if on_gpu else "CPU", 0))
         if n < 1:
             raise RtkitError(f"the Ray cluster ({self.where}) has no {'GPU' if on_gpu else 'CPU'}s "
-                             f"for conversion actors" + (" (run on CPU with --device cpu)" if on_gpu else ""))
-        args = _absolute(engine_args)
-        if on_gpu:
-            args["device"] = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU
-        elif args.get("threads") is None:
-            args["threads"] = 1  # one CPU per actor
+                             f"for {self.label} actors" + (" (run on CPU with --device cpu)" if on_gpu else ""))
         client = ray.util.client.ray.is_connected()
         # The driver watchdog needs the driver's pid on the actor's machine; a Ray Client driver
         # runs elsewhere.
         driver_pid = None if client else os.getpid()
-        self.actor_cls = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0)(RunnerActor)
-        self.ctor = (args, os.path.abspath(src), self.opts, os.path.abspath(writers_lock),
+        self.actor_cls = ray.remote(num_cpus=1, num_gpus=1 if on_gpu else 0)(BatchActor)
+        self.ctor = (make_worker, worker_args, os.path.abspath(writers_lock),
                      ray.get_runtime_context().get_node_id(), driver_pid)
         self.token = uuid.uuid4().hex[:8]
         self.slots = [_Slot(i) for i in range(n)]
@@ -209,28 +225,46 @@ class RayExecutor:
         slot.generation += 1
         slot.live, slot.in_flight = False, 0
         slot.actor = self.actor_cls.options(
-            name=f"rt-convert-{self.token}-{slot.index}.{slot.generation}").remote(*self.ctor)
+            name=f"{self.label}-{self.token}-{slot.index}.{slot.generation}").remote(*self.ctor)
         self.waiting[slot.actor.ready.remote()] = ("ready", slot, slot.generation, None)
 
-    def workers(self) -> dict[str, int]:
-        return {"processes": len(self.slots)}
-
-    def run(self, todo: list[WorkItem], rec: Recorder, clock: StageClock) -> None:
-        """Convert ``todo``: submit batches to live actors, record results as they complete."""
+    def run(self, batches: Iterable[tuple[list[WorkItem], Any]], record: Callable[[Any], None],
+            rec: Recorder) -> None:
+        """Run ``batches`` ((items, payload) pairs, pulled only when an actor is free to take
+        one): each batch's items are marked 'running' before it is submitted, ``record(result)``
+        is called once per completed batch, and a batch whose actor died is resubmitted first."""
         ray = self.ray
-        bs = self.opts.batch_size
-        chunks = [todo[i:i + bs] for i in range(0, len(todo), bs)]
-        queue = collections.deque(range(len(chunks)))
+        source = iter(batches)
+        counter = itertools.count()
+        exhausted = False
+        held: dict[int, tuple[list[WorkItem], Any]] = {}  # batches not yet recorded
+        retry: collections.deque = collections.deque()
         attempts: collections.Counter = collections.Counter()
         t_none = time.monotonic()
         warned = False
 
+        def next_batch() -> int | None:
+            nonlocal exhausted
+            if retry:
+                return retry.popleft()
+            if exhausted:
+                return None
+            got = next(source, None)
+            if got is None:
+                exhausted = True
+                return None
+            b = next(counter)
+            held[b] = got
+            return b
+
         def hand_out(slot: _Slot):
-            while slot.live and queue and slot.in_flight < _IN_FLIGHT and not rec.stop.is_set():
-                b = queue.popleft()
-                rec.mark_running(chunks[b])  # before any output of it can exist
-                ref = slot.actor.convert.remote([(it.relpath, os.path.abspath(it.out)) for it in chunks[b]])
-                self.waiting[ref] = ("batch", slot, slot.generation, b)
+            while slot.live and slot.in_flight < _IN_FLIGHT and not rec.stop.is_set():
+                b = next_batch()
+                if b is None:
+                    return
+                items, payload = held[b]
+                rec.mark_running(items)  # before any output of it can exist
+                self.waiting[slot.actor.run.remote(payload)] = ("batch", slot, slot.generation, b)
                 slot.in_flight += 1
 
         def batches_in_flight() -> bool:
@@ -239,28 +273,28 @@ class RayExecutor:
         def lost(slot: _Slot, generation: int, what: str, b: int | None, e: BaseException):
             if b is not None:
                 attempts[b] += 1
-                first = chunks[b][0].relpath
+                items = held[b][0]
                 if attempts[b] >= _MAX_ATTEMPTS:
-                    raise RtkitError(f"a batch of {len(chunks[b])} images (first {first}) was on "
+                    raise RtkitError(f"a batch of {len(items)} images (first {items[0].relpath}) was on "
                                      f"{attempts[b]} Ray actors that died ({_reason(e)}); its images stay "
                                      f"'running' in the manifest and are redone when you run the same "
                                      f"command again") from None
-                queue.appendleft(b)  # redone first, by whichever actor is free
+                retry.appendleft(b)  # redone first, by whichever actor is free
             if generation != slot.generation:
                 return  # that actor was already replaced
             if what == "ready":
                 slot.start_failures += 1
                 if slot.start_failures >= _MAX_START_FAILURES:
-                    raise RtkitError(f"Ray conversion actors keep dying while they start: {_reason(e)}")
-            log.warning("rt-convert: Ray actor %d died (%s); its batches are resubmitted to a new actor",
-                        slot.index, _reason(e))
+                    raise RtkitError(f"Ray {self.label} actors keep dying while they start: {_reason(e)}")
+            log.warning("%s: Ray actor %d died (%s); its batches are resubmitted to a new actor",
+                        self.label, slot.index, _reason(e))
             try:
                 ray.kill(slot.actor)  # may be only unreachable: make sure it writes no more
             except Exception:
                 pass
             self._start(slot)
 
-        while batches_in_flight() or (queue and not rec.stop.is_set()):
+        while batches_in_flight() or ((retry or not exhausted) and not rec.stop.is_set()):
             ready, _ = ray.wait(list(self.waiting), num_returns=1, timeout=0.25)
             for ref in ready:
                 what, slot, generation, b = self.waiting.pop(ref)
@@ -276,11 +310,8 @@ class RayExecutor:
                 else:
                     if generation == slot.generation:
                         slot.in_flight -= 1
-                    done, failed, fatal, (decode_s, infer_s, encode_s) = result
-                    rec.add(done, failed, fatal)
-                    clock.add("decode", decode_s)
-                    clock.add("infer", infer_s)
-                    clock.add("encode", encode_s)
+                    del held[b]
+                    record(result)
                     rec.flush(every=0.25)
             for slot in self.slots:
                 hand_out(slot)
@@ -288,8 +319,9 @@ class RayExecutor:
                 t_none = time.monotonic()
             elif not warned and time.monotonic() - t_none > _NO_ACTOR_WARN_S:
                 warned = True
-                log.warning("rt-convert: no Ray actor has started after %.0f s; does the cluster have "
-                            "free %s? (ray status)", _NO_ACTOR_WARN_S, "GPUs" if self.on_gpu else "CPUs")
+                log.warning("%s: no Ray actor has started after %.0f s; does the cluster have "
+                            "free %s? (ray status)", self.label, _NO_ACTOR_WARN_S,
+                            "GPUs" if self.on_gpu else "CPUs")
             rec.flush(every=0.25)
 
     def close(self) -> None:
@@ -304,3 +336,42 @@ class RayExecutor:
         if self.own_session:
             self.ray.shutdown()
             self.own_session = False
+
+
+class RayExecutor:
+    """rt-convert's executor on Ray: ConvertWorker actors in a RayPool (see RayPool for where the
+    cluster comes from and how many actors run)."""
+
+    def __init__(self, engine_args: dict, src: str | Path, opts: ConvertOptions, writers_lock: str, *,
+                 address: str | None = None, num_cpus: int | None = None, actors: int | None = None):
+        self.opts = opts
+        on_gpu = str(engine_args.get("device", "cpu")).startswith("cuda")
+        args = _absolute(engine_args)
+        if on_gpu:
+            args["device"] = "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU
+        elif args.get("threads") is None:
+            args["threads"] = 1  # one CPU per actor
+        self.pool = RayPool(ConvertWorker, (args, os.path.abspath(src), opts), writers_lock, on_gpu=on_gpu,
+                            label="rt-convert", address=address, num_cpus=num_cpus, actors=actors)
+        self.name = self.pool.name
+
+    def workers(self) -> dict[str, int]:
+        return {"processes": len(self.pool.slots)}
+
+    def run(self, todo: list[WorkItem], rec: Recorder, clock: StageClock) -> None:
+        """Convert ``todo``: submit batches to live actors, record results as they complete."""
+        bs = self.opts.batch_size
+        batches = ((chunk, [(it.relpath, os.path.abspath(it.out)) for it in chunk])
+                   for chunk in (todo[i:i + bs] for i in range(0, len(todo), bs)))
+
+        def record(result):
+            done, failed, fatal, (decode_s, infer_s, encode_s) = result
+            rec.add(done, failed, fatal)
+            clock.add("decode", decode_s)
+            clock.add("infer", infer_s)
+            clock.add("encode", encode_s)
+
+        self.pool.run(batches, record, rec)
+
+    def close(self) -> None:
+        self.pool.close()
