@@ -131,6 +131,9 @@ Examples:
 @click.option("--image-ops", type=click.Choice(["cv2", "torch"]), help="Pre/post-processing: cv2 "
               "(OpenCV on CPU threads) or torch (batched on the runner's device, only uint8 copied; "
               "threaded pipeline). Default: torch with --device cuda, else cv2.")
+@click.option("--encode-processes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threaded pipeline: encode and write in this many processes (GPU machines, where "
+              "encoding is the CPU-bound stage; 0 = encoder threads).")
 @click.option("--compile", "compile_", is_flag=True, help="Torch engines: run the module through "
               "torch.compile (one graph per job: the last batch is padded to the batch size).")
 @click.option("--shard", callback=shard_option, metavar="I/N", help="Convert only shard I of N (0-based).")
@@ -146,7 +149,7 @@ Examples:
 @user_errors
 def main(src, out, engine, checkpoint, device, backend, precision, random_weights, fmt, quality, size, batch_size,
          decode_workers, encode_workers, infer_workers, runner_threads, processes, devices, executor,
-         ray_address, ray_cpus, ray_actors, source, image_ops, compile_, shard, max_failures, extra, retry_failed, restart, sheet, quiet):
+         ray_address, ray_cpus, ray_actors, source, image_ops, encode_processes, compile_, shard, max_failures, extra, retry_failed, restart, sheet, quiet):
     """Convert every image under SRC through a translator ENGINE into OUT."""
     from rtkit.runtime.converter import convert
 
@@ -155,6 +158,7 @@ def main(src, out, engine, checkpoint, device, backend, precision, random_weight
                       infer_workers=infer_workers, processes=processes, random_weights=random_weights,
                       devices=_cuda_devices(devices), executor=executor, ray_address=ray_address,
                       ray_cpus=ray_cpus, ray_actors=ray_actors, source=source, image_ops=image_ops, compile=compile_,
+                      encode_processes=encode_processes,
                       fmt=fmt, quality=quality, size=size, batch_size=batch_size,
                       decode_workers=decode_workers, encode_workers=encode_workers, shard=shard,
                       max_failures=max_failures, retry_failed=retry_failed, restart=restart,

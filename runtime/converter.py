@@ -56,7 +56,8 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
             processes: int | None = None, devices: list[str] | None = None,
             executor: str = "local", ray_address: str | None = None, ray_cpus: int | None = None,
             ray_actors: int | None = None, random_weights: bool = False, source: str = "cpu",
-            image_ops: str | None = None, compile: bool = False, **options) -> Summary:
+            image_ops: str | None = None, compile: bool = False, encode_processes: int = 0,
+            **options) -> Summary:
     """Convert every image under ``src`` into ``out`` through ``engine`` (see rt-convert --help).
 
     An ONNX engine on CPU runs by default as one conversion process per core, each decoding,
@@ -68,7 +69,9 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
     ``ray_address``, else a local one of ``ray_cpus`` CPUs. ``source``: "cpu" (decode threads or
     processes) or "dali" (nvidia-dali: JPEG on the GPU, PNG on DALI's CPU threads; the threaded
     pipeline). ``image_ops``: "cv2" (OpenCV on CPU threads) or "torch" (batched torch on the
-    runner's device: uint8 copies only); default torch on CUDA, cv2 otherwise.
+    runner's device: uint8 copies only); default torch on CUDA, cv2 otherwise. ``encode_processes``:
+    the threaded pipeline encodes and writes in that many processes (GPU machines: encoding is the
+    CPU-bound stage).
     """
     t_start = time.perf_counter()
     cpu_onnx = str(device) == "cpu" and _is_onnx(engine, backend)
@@ -95,6 +98,13 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
         raise RtkitError("--image-ops torch runs in the threaded pipeline (no --processes, --devices or "
                          "--executor ray)")
     if image_ops == "torch":
+        processes = 0
+    if encode_processes < 0:
+        raise RtkitError(f"--encode-processes must be 0 or more, got {encode_processes}")
+    if encode_processes and (processes or devices or kind == "ray"):
+        raise RtkitError("--encode-processes belongs to the threaded pipeline (--processes 0, no --devices "
+                         "or --executor ray)")
+    if encode_processes:
         processes = 0
     if source not in SOURCES:
         raise RtkitError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -164,7 +174,14 @@ def convert(engine: str | Path | Runner, src: str | Path, out: str | Path, *,
             from rtkit.runtime.stages import TorchImageOps
 
             ops = TorchImageOps(device) if image_ops == "torch" else None
-            executor = ThreadExecutor(runner, make_source(source, src, device, opts.batch_size), opts, ops)
+            encoders = None
+            if encode_processes:
+                from rtkit.runtime.processes import EncoderPool
+
+                encoders = EncoderPool(encode_processes, str(lock.writers_path))
+                opts.encode_workers = max(opts.encode_workers, encode_processes)  # one thread feeds each
+            executor = ThreadExecutor(runner, make_source(source, src, device, opts.batch_size), opts, ops,
+                                      encoders)
         return run_job(runner, src, out, opts, executor, t_start=t_start, executor_name=executor.name,
                        source_name=getattr(getattr(executor, "source", None), "name", "cpu")
                        + (", image ops torch" if image_ops == "torch" else ""))

@@ -14,7 +14,7 @@ import time
 from rtkit.engines.spec import ModelSpec
 from rtkit.runtime.job import ConvertOptions, Recorder, StageClock
 from rtkit.runtime.runners import Runner
-from rtkit.runtime.stages import WorkItem, encode_batch, infer_batch, prepare_batch
+from rtkit.runtime.stages import WorkItem, encode_batch, infer_batch, output_images, prepare_batch
 
 _DONE = object()  # queue sentinel
 
@@ -26,8 +26,9 @@ class ThreadExecutor:
 
     name = "threads"
 
-    def __init__(self, runner: Runner, source, opts: ConvertOptions, image_ops=None):
+    def __init__(self, runner: Runner, source, opts: ConvertOptions, image_ops=None, encoders=None):
         self.runner, self.source, self.opts, self.image_ops = runner, source, opts, image_ops
+        self.encoders = encoders  # an EncoderPool: encoding and writing in processes
 
     def workers(self) -> dict[str, int]:
         o = self.opts
@@ -37,13 +38,17 @@ class ThreadExecutor:
         close = getattr(self.source, "close", None)
         if close is not None:
             close()
+        if self.encoders is not None:
+            self.encoders.close()
 
     def run(self, todo: list[WorkItem], rec: Recorder, clock: StageClock) -> None:
-        run_threads(self.runner, self.runner.spec, self.source, todo, self.opts, rec, clock, self.image_ops)
+        run_threads(self.runner, self.runner.spec, self.source, todo, self.opts, rec, clock, self.image_ops,
+                    self.encoders)
 
 
 def run_threads(runner: Runner, spec: ModelSpec, source, todo: list[WorkItem],
-                opts: ConvertOptions, rec: Recorder, clock: StageClock, image_ops=None) -> None:
+                opts: ConvertOptions, rec: Recorder, clock: StageClock, image_ops=None,
+                encoder_pool=None) -> None:
     bs = opts.batch_size
     task_q: queue.Queue = queue.Queue()
     decoded_q: queue.Queue = queue.Queue(maxsize=max(2, opts.queue_batches))
@@ -100,8 +105,20 @@ def run_threads(runner: Runner, spec: ModelSpec, source, todo: list[WorkItem],
                 break
             if folder_error.is_set():
                 continue  # the output folder is full or read-only: write nothing more
+            if errors:
+                continue  # a failed stage: drain without writing
             t0 = time.perf_counter()
-            result = encode_batch(*job, spec, opts.fmt, opts.quality, made_dirs, image_ops)
+            try:
+                if encoder_pool is not None:  # postprocess here, encode and write in a process
+                    items, y = job
+                    result = encoder_pool.write(items, output_images(items, y, spec, image_ops),
+                                                opts.fmt, opts.quality)
+                else:
+                    result = encode_batch(*job, spec, opts.fmt, opts.quality, made_dirs, image_ops)
+            except BaseException as e:  # a bug or a dead encoder process: stop the run
+                errors.append(e)
+                stop.set()
+                continue
             clock.add("encode", time.perf_counter() - t0)
             result_q.put(result)
             if result[2]:

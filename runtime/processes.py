@@ -207,3 +207,45 @@ class ProcessExecutor:
                 w.proc.terminate()
                 w.proc.join()
             w.conn.close()
+
+
+_encoder_dirs: set[str] = set()  # folders an encoder process has made (per process)
+
+
+def _encoder_init(parent_pid: int, writers_lock: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    from rtkit.runtime.outdir import exit_with, hold_writers_lock
+
+    exit_with(parent_pid)
+    hold_writers_lock(writers_lock)  # held until this process exits
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _encode_in_process(items: list[tuple[str, str, str | None]], imgs, fmt: str, quality: int):
+    from rtkit.runtime.stages import write_batch
+
+    return write_batch(items, imgs, fmt, quality, _encoder_dirs)
+
+
+class EncoderPool:
+    """PNG/JPEG encoding and writing in ``n`` processes for the threaded pipeline: on a GPU machine
+    encoding is the CPU-bound stage (a 16-core machine needs ~10 encoders for 7k img/s). uint8
+    images go over pipes; each process holds the run's writers lock and dies with the run."""
+
+    def __init__(self, n: int, writers_lock: str):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.n = n
+        self.pool = ProcessPoolExecutor(max_workers=n, mp_context=process_context(),
+                                        initializer=_encoder_init, initargs=(os.getpid(), writers_lock))
+
+    def write(self, items, imgs, fmt: str, quality: int):
+        """(done, failures, folder error) of one batch, written by one of the processes."""
+        keys = [(it.relpath, it.out, it.src_sha256) for it in items]
+        return self.pool.submit(_encode_in_process, keys, list(imgs), fmt, quality).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -162,38 +162,48 @@ def infer_batch(runner: Runner, items: list[WorkItem]) -> np.ndarray:
     return y if not isinstance(xs[0], np.ndarray) else np.asarray(y)
 
 
-def encode_batch(items: list[WorkItem], y, spec: ModelSpec, fmt: str, quality: int,
-                 made_dirs: set[str], ops: TorchImageOps | None = None
-                 ) -> tuple[list[Done], list[tuple[str, str]], str | None]:
-    """Postprocess, encode and atomically write a batch: (done, failures, folder error).
+def output_images(items: list[WorkItem], y, spec: ModelSpec, ops: TorchImageOps | None = None) -> list[np.ndarray]:
+    """Model output -> uint8 HxWx3 RGB per item, at its output size (OpenCV, or ``ops`` on the device)."""
+    if ops is not None:
+        return ops.to_images(items, y, spec)  # already at each item's output size
+    return [restore_geometry(img, spec, it.out_hw) for it, img in zip(items, to_uint8_hwc(y, spec))]
+
+
+def write_batch(items, imgs: list[np.ndarray], fmt: str, quality: int, made_dirs: set[str]
+                ) -> tuple[list[Done], list[tuple[str, str]], str | None]:
+    """Encode and atomically write images: (done, failures, folder error). ``items`` need
+    ``relpath``, ``out`` and ``src_sha256`` (WorkItems, or the tuples encoder processes get).
 
     A folder error (disk full, read-only, quota) stops at the file that met it: that file and
     the rest of the batch are neither done nor failed, so a rerun tries them again."""
     done, failed = [], []
-    if ops is not None:
-        imgs = ops.to_images(items, y, spec)  # already at each item's output size
-    else:
-        imgs = to_uint8_hwc(y, spec)  # the whole batch in one pass
     for it, img in zip(items, imgs):
+        relpath, out, src_sha256 = (it.relpath, it.out, it.src_sha256) if isinstance(it, WorkItem) else it
         try:
-            data = encode_image(img if ops is not None else restore_geometry(img, spec, it.out_hw),
-                                fmt, quality)
+            data = encode_image(img, fmt, quality)
         except Exception as e:
-            failed.append((it.relpath, f"cannot encode output: {type(e).__name__}: {e}"))
+            failed.append((relpath, f"cannot encode output: {type(e).__name__}: {e}"))
             continue
         try:
-            folder = os.path.dirname(it.out)
+            folder = os.path.dirname(out)
             if folder not in made_dirs:
                 os.makedirs(folder, exist_ok=True)
                 made_dirs.add(folder)
-            size, mtime_ns = atomic_write(it.out, data)
+            size, mtime_ns = atomic_write(out, data)
         except OSError as e:
             if e.errno in _FOLDER_ERRNOS:
-                return done, failed, f"cannot write {it.out}: {e.strerror or e}"
-            failed.append((it.relpath, f"cannot write output: {e.strerror or e}"))
+                return done, failed, f"cannot write {out}: {e.strerror or e}"
+            failed.append((relpath, f"cannot write output: {e.strerror or e}"))
             continue
-        done.append(Done(it.relpath, hashlib.sha256(data).hexdigest(), size, mtime_ns, it.src_sha256))
+        done.append(Done(relpath, hashlib.sha256(data).hexdigest(), size, mtime_ns, src_sha256))
     return done, failed, None
+
+
+def encode_batch(items: list[WorkItem], y, spec: ModelSpec, fmt: str, quality: int,
+                 made_dirs: set[str], ops: TorchImageOps | None = None
+                 ) -> tuple[list[Done], list[tuple[str, str]], str | None]:
+    """Postprocess, encode and atomically write a batch: (done, failures, folder error)."""
+    return write_batch(items, output_images(items, y, spec, ops), fmt, quality, made_dirs)
 
 
 def group_by_shape(items: list[WorkItem]) -> list[list[WorkItem]]:

@@ -482,3 +482,22 @@ def test_rt_eval_and_rt_bench_refuse_random_weights_without_the_flag(faces, tmp_
     assert res.exit_code == 1 and "--random-weights" in res.output, res.output
     res = CliRunner().invoke(bench, ["time", "vsait", "--seconds", "0.1"])
     assert res.exit_code == 1 and "--random-weights" in res.output, res.output
+
+
+def test_encoder_processes_write_the_same_bytes_and_die_with_the_run(many_faces, tmp_path):
+    """--encode-processes (the GPU path's CPU-bound stage in processes): the threaded pipeline's bytes,
+    and after a kill -9 no encoder process holds the output folder a second later."""
+    a = convert(BUNDLED_ONNX, many_faces, tmp_path / "threads", progress=False, processes=0)
+    b = convert(BUNDLED_ONNX, many_faces, tmp_path / "encoders", progress=False, encode_processes=2)
+    assert a.converted == b.converted == 600
+    assert _tree_hash(tmp_path / "threads") == _tree_hash(tmp_path / "encoders")
+    out = tmp_path / "killed"
+    proc = _start(many_faces, out, "--encode-processes", 2, "--batch-size", 8)
+    _kill_when_written(proc, out, 40)
+    t_kill = time.monotonic()
+    while not _writers_free(out) and time.monotonic() - t_kill < 1.0:
+        time.sleep(0.01)
+    assert _writers_free(out), "an encoder process of the killed run still holds the output folder"
+    assert _run("--engine", BUNDLED_ONNX, many_faces, out, "--encode-processes", 2, "-q").returncode == 0
+    assert _tree_hash(out) == _tree_hash(tmp_path / "threads")
+    assert all(r[0] == "done" and r[1] == 1 for r in _rows(out).values())
